@@ -1,0 +1,43 @@
+"""The ``fsl-course`` command line. Each subcommand lives in the module that owns the
+concept (data, evaluation, exercises, grading, ...); this file only wires them up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module that defines ``add_arguments(parser)`` and ``run(args) -> int``
+COMMANDS = {
+    "doctor": ("fsl_course.doctor", "environment, device, budget, cache and data report"),
+    "data": ("fsl_course.data.cli", "list datasets, or draw a grid of a dataset's classes"),
+    "train": ("fsl_course.train", "train a model or few-shot learner and save a checkpoint"),
+    "eval": ("fsl_course.evaluation", "episodic accuracy with a 95% confidence interval"),
+    "exercises": ("fsl_course.exercises", "build exercises/ from solutions/, or check they are in sync"),
+    "grade": ("fsl_course.grading", "grade a submitted exercise notebook against the hidden tests"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsl-course", description="Few-shot learning course tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        # Bad input: one clear line, not a stack trace.
+        print(f"fsl-course {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
