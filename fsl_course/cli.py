@@ -18,19 +18,24 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. Only ``command``'s module is imported (all of them when ``None``), so that
+    ``fsl-course exercises check`` does not wait for torch and ``fsl-course eval`` not for nbformat."""
     parser = argparse.ArgumentParser(prog="fsl-course", description="Few-shot learning course tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
+        if command in (None, name):
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:

@@ -396,12 +396,6 @@ def is_cached() -> bool:
     return cache_path().is_file()
 
 
-def stale_cache_files() -> list[Path]:
-    """Cached builds for other versions or environments (safe to delete)."""
-    current = cache_path()
-    return [p for p in current.parent.glob("glyphs-*.npz") if p != current]
-
-
 def describe_char(char: str) -> str:
     return f"{char} (U+{ord(char):04X} {unicodedata.name(char, '?')})"
 
