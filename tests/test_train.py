@@ -1,0 +1,123 @@
+"""``fsl-course train``: every METHOD trains, saves a loadable checkpoint, and records how."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fsl_course import load_checkpoint
+from fsl_course import train as train_module
+from fsl_course.cli import main
+from fsl_course.meta import LEARNERS, load_learner
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    """Replace the dataset loader by a tiny random dense dataset; record the calls."""
+    calls = []
+
+    def load(name, split, root=None, *, rotations=False):
+        calls.append((name, split, root, rotations))
+        images = torch.rand(6, 4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        return SimpleNamespace(images=images, n_classes=6, n_per_class=4, name=name, split=split)
+
+    monkeypatch.setattr(train_module.data, "load", load)
+    return calls
+
+
+def episode():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(10, 1, 28, 28, generator=g), torch.arange(5).repeat_interleave(2), torch.rand(5, 1, 28, 28, generator=g)
+
+
+def test_each_method_names_a_registered_learner():
+    assert {"pixel-nn", "pixel-prototype", "baseline"} <= set(train_module.METHODS)
+    assert set(train_module.METHODS) <= set(LEARNERS)
+
+
+@pytest.mark.parametrize("method", sorted(train_module.METHODS))
+def test_train_saves_a_loadable_checkpoint_with_its_provenance(method, tiny_data, tmp_path, capsys):
+    out = tmp_path / "runs" / f"{method}.pt"
+    assert main(["train", method, "--dataset", "glyphs", "--budget", "smoke", "--out", str(out), "--seed", "3"]) == 0
+    assert tiny_data == [("glyphs", "train", None, True)]
+
+    printed = capsys.readouterr().out
+    assert f"saved {out}" in printed and "wall time" in printed and "fsl-course eval" in printed
+
+    learner = load_learner(out, device="cpu")
+    assert learner.name == method
+    info = learner.training_info
+    assert info["command"] == f"fsl-course train {method} --dataset glyphs --budget smoke --out {out} --seed 3"
+    assert (info["seed"], info["budget"], info["dataset"], info["split"], info["rotations"]) == (3, "smoke", "glyphs", "train", True)
+    assert info["wall_time_s"] >= 0
+    assert learner.predict(*episode()).shape == (5, 5)
+
+
+def test_baseline_training_is_recorded_and_changes_the_weights(tiny_data, tmp_path):
+    out = tmp_path / "b.pt"
+    assert main(["train", "baseline", "--budget", "smoke", "--out", str(out)]) == 0
+    state, config = load_checkpoint(out)
+    training = config["training"]
+    assert training["steps"] == 8 and training["batch_size"] == 16 and training["final_loss"] > 0
+    torch.manual_seed(0)  # the initialisation `fsl-course train --seed 0` starts from
+    fresh = LEARNERS["baseline"]().state_dict()
+    assert fresh.keys() == state.keys()
+    assert not torch.equal(fresh["backbone.blocks.0.weight"], state["backbone.blocks.0.weight"])
+
+
+def test_the_same_seed_gives_the_same_checkpoint(tiny_data, tmp_path):
+    states = []
+    for name in ("a.pt", "b.pt"):
+        assert main(["train", "baseline", "--budget", "smoke", "--out", str(tmp_path / name), "--seed", "5"]) == 0
+        states.append(load_checkpoint(tmp_path / name)[0])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_options_reach_the_loader_and_the_record(tiny_data, tmp_path):
+    out = tmp_path / "p.pt"
+    argv = ["train", "pixel-nn", "--dataset", "omniglot", "--root", "/data/omni", "--no-rotations", "--budget", "smoke", "--out", str(out)]
+    assert main(argv) == 0
+    assert tiny_data == [("omniglot", "train", "/data/omni", False)]
+    info = load_learner(out).training_info
+    assert "--root /data/omni" in info["command"] and info["command"].endswith("--no-rotations")
+    assert info["rotations"] is False
+
+
+def test_budget_defaults_to_the_environment(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FSL_COURSE_BUDGET", "smoke")
+    out = tmp_path / "p.pt"
+    assert main(["train", "pixel-prototype", "--out", str(out)]) == 0
+    assert load_learner(out).training_info["budget"] == "smoke"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "telepathy", "--out", "x.pt"],
+        ["train", "baseline", "--budget", "huge", "--out", "x.pt"],
+        ["train", "baseline"],  # --out is required
+    ],
+)
+def test_bad_command_lines_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_train_then_eval_on_real_data(tmp_path, capsys):
+    """The whole cycle on the bundled digits: train (smoke), then `fsl-course eval` the checkpoint."""
+    out = tmp_path / "baseline.pt"
+    assert main(["train", "baseline", "--dataset", "digits", "--budget", "smoke", "--out", str(out)]) == 0
+    assert "digits/train (20 classes incl. rotations" in capsys.readouterr().out  # 5 digits x 4 rotations
+    assert main(["eval", str(out), "--dataset", "digits", "--way", "5", "--shot", "1", "--episodes", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["accuracy"] <= 1 and result["episodes"] == 3 and result["checkpoint"] == str(out)
+
+
+def test_a_bad_dataset_is_one_clear_error(tmp_path, capsys):
+    assert main(["train", "pixel-nn", "--dataset", "mnist", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "unknown dataset 'mnist'" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
