@@ -1,10 +1,8 @@
 """The ways in: pyproject.toml, environment.yml, constraints.txt, README.md, course.py,
 .ci/run and the notebook-test rules (tests/conftest.py, tests/nbval_sanitize.cfg) must agree.
 
-Written for Python 3.10+ with only the test dependencies installed: pyproject.toml is read
-with ``tomllib`` (3.11+), else ``tomli``, else a small parser for the subset pyproject uses;
-environment.yml with a small parser for its simple structure (checked against PyYAML when
-that happens to be installed).
+pyproject.toml is read with ``tomllib`` (``tomli`` on Python 3.10) and environment.yml with
+PyYAML, both in the dev extra.
 """
 
 from __future__ import annotations
@@ -28,169 +26,18 @@ CONDA_NAMES = {"torch": "pytorch"}
 # --------------------------------------------------------------------------- readers
 
 
-def _strip_toml_comment(line: str) -> str:
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote and line[i - 1] != "\\":
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#":
-            return line[:i]
-    return line
-
-
-def _split_top_level(text: str, sep: str) -> list[str]:
-    """Split at ``sep`` outside quotes, brackets and braces."""
-    parts, depth, quote, current = [], 0, None, []
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote and text[i - 1] != "\\":
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _toml_key(key: str) -> list[str]:
-    return [k.strip().strip("\"'") for k in _split_top_level(key, ".")]
-
-
-def _toml_value(text: str):
-    text = text.strip()
-    if text[:1] in "\"'":
-        if text[:3] in ('"""', "'''"):
-            raise ValueError("multi-line strings are not supported by the fallback TOML reader")
-        body = text[1:-1]
-        return body.encode().decode("unicode_escape") if text[0] == '"' else body
-    if text.startswith("["):
-        return [_toml_value(item) for item in _split_top_level(text[1:-1], ",")]
-    if text.startswith("{"):
-        table: dict = {}
-        for pair in _split_top_level(text[1:-1], ","):
-            key, _, value = pair.partition("=")
-            _set_dotted(table, _toml_key(key), _toml_value(value))
-        return table
-    if text in ("true", "false"):
-        return text == "true"
-    try:
-        return int(text.replace("_", ""))
-    except ValueError:
-        pass
-    try:
-        return float(text.replace("_", ""))
-    except ValueError:
-        return text  # dates and other types pyproject does not use
-
-
-def _set_dotted(table: dict, keys: list[str], value) -> None:
-    for key in keys[:-1]:
-        table = table.setdefault(key, {})
-    table[keys[-1]] = value
-
-
-def _balanced(text: str) -> bool:
-    depth, quote = 0, None
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote and text[i - 1] != "\\":
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-    return depth == 0
-
-
-def mini_toml(text: str) -> dict:
-    """Enough TOML for pyproject.toml: tables, dotted keys, strings, numbers, booleans,
-    (multi-line) arrays and inline tables. Arrays of tables and multi-line strings raise."""
-    data: dict = {}
-    table = data
-    lines = iter(text.splitlines())
-    for raw in lines:
-        line = _strip_toml_comment(raw).strip()
-        if not line:
-            continue
-        if line.startswith("[["):
-            raise ValueError("arrays of tables are not supported by the fallback TOML reader")
-        if line.startswith("["):
-            table = data
-            for key in _toml_key(line[1:-1]):
-                table = table.setdefault(key, {})
-            continue
-        key, _, value = line.partition("=")
-        value = value.strip()
-        while not _balanced(value):
-            value += " " + _strip_toml_comment(next(lines)).strip()
-        _set_dotted(table, _toml_key(key), _toml_value(value))
-    return data
-
-
 def load_pyproject() -> dict:
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    try:
-        import tomllib  # Python 3.11+
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            return mini_toml(text)
-    return tomllib.loads(text)
-
-
-def mini_yaml(text: str) -> dict:
-    """Enough YAML for environment.yml: top-level ``key: value`` and ``key:`` + a list, whose
-    items are strings or ``name:`` + a more-indented list of strings (the pip section)."""
-    data: dict = {}
-    key = None
-    item_indent = None
-    sublist = None
-    for raw in text.splitlines():
-        line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        stripped = line.strip()
-        if indent == 0:
-            key, _, value = stripped.partition(":")
-            data[key] = value.strip() or []
-            item_indent, sublist = None, None
-        elif stripped.startswith("- ") and isinstance(data.get(key), list):
-            item = stripped[2:].strip()
-            if item_indent is None:
-                item_indent = indent
-            if indent == item_indent:
-                if item.endswith(":"):
-                    sublist = []
-                    data[key].append({item[:-1]: sublist})
-                else:
-                    sublist = None
-                    data[key].append(item)
-            elif indent > item_indent and sublist is not None:
-                sublist.append(item)
-            else:
-                raise ValueError(f"unexpected indentation in environment.yml: {raw!r}")
-        else:
-            raise ValueError(f"environment.yml line not understood by the simple reader: {raw!r}")
-    return data
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
 def load_environment() -> dict:
-    return mini_yaml((ROOT / "environment.yml").read_text(encoding="utf-8"))
+    import yaml
+
+    return yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
 
 
 REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([^;#]*)")
@@ -250,42 +97,6 @@ def readme_quick_start_commands() -> list[str]:
 
 
 # --------------------------------------------------------------------------- the readers themselves
-
-
-def test_fallback_toml_reader_agrees_with_tomllib():
-    tomllib = pytest.importorskip("tomllib")  # on 3.10 the fallback is what runs, so it must be right
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert mini_toml(text) == tomllib.loads(text)
-
-
-def test_fallback_toml_reader_handles_the_tricky_bits():
-    text = """
-# comment
-[project]
-name = "x"  # trailing comment
-dependencies = [
-    "a>=1",   # why a
-    "b[extra]>=2; python_version < '3.11'",
-]
-license = { text = "MIT" }
-[tool.x]
-flag = true
-n = 1_000
-"""
-    assert mini_toml(text) == {
-        "project": {
-            "name": "x",
-            "dependencies": ["a>=1", "b[extra]>=2; python_version < '3.11'"],
-            "license": {"text": "MIT"},
-        },
-        "tool": {"x": {"flag": True, "n": 1000}},
-    }
-
-
-def test_simple_yaml_reader_agrees_with_pyyaml():
-    yaml = pytest.importorskip("yaml")
-    text = (ROOT / "environment.yml").read_text(encoding="utf-8")
-    assert mini_yaml(text) == yaml.safe_load(text)
 
 
 def test_requirement_parsing():
