@@ -91,21 +91,18 @@ def add_rotations(dataset: FewShotDataset, keep: np.ndarray | None = None) -> Fe
 
 
 def status() -> list[dict]:
-    """One line per dataset for ``fsl-course doctor``: name, description, available, detail."""
+    """One entry per dataset for ``fsl-course doctor``: name, description, available, detail."""
     from fsl_course.data import glyphs
 
-    rows = []
-    for name, description in DATASETS.items():
-        if name == "glyphs":
-            cached = glyphs.is_cached()
-            detail = f"cached at {glyphs.cache_path()}" if cached else "not built yet (about 15 s on first load)"
-            available = True
-        elif name == "digits":
-            available, detail = True, "bundled with scikit-learn"
-        else:
-            available, detail = False, "needs a local folder: load('omniglot', split, root=DIR)"
-        rows.append({"name": name, "description": description, "available": available, "cached": name != "glyphs" or cached, "detail": detail})
-    return rows
+    details = {
+        "glyphs": f"cached at {glyphs.cache_path()}" if glyphs.is_cached() else "not built yet (about 15 s on first load)",
+        "digits": "bundled with scikit-learn",
+        "omniglot": "needs a local folder: load('omniglot', split, root=DIR)",
+    }
+    return [
+        {"name": name, "description": description, "available": name != "omniglot", "detail": details[name]}
+        for name, description in DATASETS.items()
+    ]
 
 
 __all__ = ["DATASETS", "SPLITS", "FewShotDataset", "add_rotations", "load", "status"]

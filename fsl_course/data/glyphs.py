@@ -402,8 +402,4 @@ def is_cached() -> bool:
     return cache_path().is_file()
 
 
-def describe_char(char: str) -> str:
-    return f"{char} (U+{ord(char):04X} {unicodedata.name(char, '?')})"
-
-
 __all__ = ["build", "load_arrays", "cache_path", "is_cached", "ALPHABETS", "SPLITS", "N_PER_CLASS"]
