@@ -242,3 +242,11 @@ def test_data_cli_bad_input_is_one_line(capsys):
     assert main(["data", "show", "nope", "--out", "x.png"]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'nope'" in err and "Traceback" not in err
+
+
+def test_grid_rows_are_classes_and_columns_instances():
+    d = data.load("digits", "test")
+    grid = d.grid(n_instances=3, classes=[2, 0])
+    assert grid.shape == (2 * 28, 3 * 28)
+    assert torch.equal(grid[:28, 28:56], d.images[2, 1, 0]) and torch.equal(grid[28:, :28], d.images[0, 0, 0])
+    assert torch.equal(d.grid(4, 2, seed=5), d.grid(4, 2, seed=5)) and not torch.equal(d.grid(4, 2, seed=5), d.grid(4, 2, seed=None))

@@ -48,16 +48,20 @@ class FewShotDataset:
     def __len__(self) -> int:
         return self.n_classes
 
-    def grid(self, n_classes: int = 10, n_instances: int = 10, seed: int | None = 0) -> torch.Tensor:
+    def grid(self, n_classes: int = 10, n_instances: int = 10, seed: int | None = 0, classes=None) -> torch.Tensor:
         """A (n_classes * H, n_instances * W) image: one class per row, its instances along it.
 
-        Classes are a seeded random choice (``seed=None``: the first ``n_classes``).
+        Rows are the class indices ``classes`` if given, else ``n_classes`` classes drawn with
+        ``seed`` (``seed=None``: the first ``n_classes``).
         """
-        n_classes, n_instances = min(n_classes, self.n_classes), min(n_instances, self.n_per_class)
-        if seed is None:
-            classes = torch.arange(n_classes)
+        n_instances = min(n_instances, self.n_per_class)
+        if classes is not None:
+            classes = torch.as_tensor(list(classes), dtype=torch.long)
+        elif seed is None:
+            classes = torch.arange(min(n_classes, self.n_classes))
         else:
-            classes = torch.randperm(self.n_classes, generator=torch.Generator().manual_seed(seed))[:n_classes]
+            generator = torch.Generator().manual_seed(seed)
+            classes = torch.randperm(self.n_classes, generator=generator)[: min(n_classes, self.n_classes)]
         picked = self.images[classes, :n_instances, 0]  # (classes, instances, H, W)
         return rearrange(picked, "c n h w -> (c h) (n w)")
 
