@@ -1,33 +1,79 @@
 """Grade a submitted exercise notebook against the hidden tests of its solution notebook.
 
-The work is split between two processes:
+Threat model: the submission is untrusted code; nothing it does may raise its score.
 
-* the trusted **parent** (``grade``) reads the source notebook (``solutions/NN_x.ipynb``,
-  with the hidden tests) and the submission, builds the notebook to run (the source, with
-  each solution cell's code taken from the submission's cell of the same nbgrader
-  ``grade_id``), starts the child, and scores each test cell from the child's results;
-* the untrusted **child** (``python -m fsl_course.grading JOB.json``) runs that notebook with
-  nbclient in a fresh kernel (working directory: a scratch directory, ``FSL_COURSE_BUDGET``
-  set), and after every cell writes each cell's status (ok, or the error) to a results file.
+**Who runs what.** The trusted parent (``grade``, this process) reads the source notebook
+(``solutions/NN_x.ipynb``, with the hidden tests) and the submission, and drives a fresh
+IPython kernel itself over the Jupyter protocol (``jupyter_client``): it sends the source's
+cells one at a time, with each solution cell's code taken from the submission's cell of the
+same nbgrader ``grade_id``. Results (status, errors, output) come back over the protocol and
+stay in the parent's memory; no results file exists that the kernel could write, and the
+gradebook and feedback files are written by the parent after every kernel is dead. The hidden
+tests never touch the disk: the kernel's working directory is an empty scratch directory, the
+notebook is never written there, and a test cell's hidden part is only sent after the
+student's code has run.
 
-A test cell earns its points iff it ran without an error. Time limits: each cell gets at most
-``cell_timeout`` seconds (then the kernel is interrupted and the next cell runs), the whole
-run at most ``timeout`` seconds (then the remaining cells are not run), and the parent kills
-a child that is still running ``CHILD_GRACE_S`` seconds after that. Student code runs only in
-the child's kernel, so that is where limits on untrusted code belong.
+**When a test passes.** A test cell is sent as three executions: a trusted *guard*, the
+visible part, then the hidden part followed by ``print(TOKEN)``. ``TOKEN`` is a fresh random
+string (``secrets.token_hex``) made by the parent for that test at grading time, so the kernel
+cannot know it before the cell arrives. The test passes only if the parent sees every part
+finish with status ``ok`` *and* the token on that execution's stdout. ``sys.exit(0)`` (an
+error reply), ``os._exit(0)`` or a crash (the kernel dies), or an exception anywhere stop the
+cell before its last line, so they cannot pass a test.
+
+**Tampering inside the kernel.** Before the first student cell, a trusted *prelude* seeds
+``random``/NumPy/torch, snapshots the namespaces of ``builtins``, ``math``, ``operator``,
+``random``, NumPy, torch (``torch.testing``, ``torch.nn.functional``, ``torch.Tensor``) as far
+as the notebook uses them, IPython's input/AST transformers, ``sys.stdout``/``stderr``; the
+guard restores all of them and clears ``sys.settrace``/``setprofile`` before every test cell.
+So ``torch.allclose = lambda *a, **k: True``, a patched ``builtins.print``/``abs``/``isinstance``,
+a replaced ``sys.stdout``, or a trace hook are undone before the tests run.
+
+**The package's reference implementation.** The prelude replaces every ``fsl_course``
+function whose name a solution cell defines (``mean_ci95`` -> ``fsl_course.evaluation.mean_ci95``)
+by a stub that raises ``ImportError("... is the course's reference implementation ...")`` when
+called from a function defined in a notebook cell; package code and the top level of a test
+cell (hidden tests compare with the reference) still reach it. The guard also fails a test
+whose graded name *is* the reference (``from fsl_course.evaluation import mean_ci95``,
+through ``functools.partial``/``__wrapped__`` too).
+
+**Limits.** The kernel is started (in its own session) through a small launcher that sets
+``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_FSIZE`` and ``RLIMIT_CORE`` before it execs
+ipykernel; each execution gets at most ``cell_timeout`` seconds (then the kernel is interrupted,
+the cell scores zero, and grading goes on), the whole notebook at most ``timeout`` seconds
+(then the remaining cells are not run); captured output is capped at ``OUTPUT_LIMIT`` bytes
+per cell (the rest is drained and dropped). At the end the parent kills the kernel's whole
+process tree (its descendants found with psutil, then ``os.killpg`` on its session).
+
+**What this does not stop.** The kernel runs as the grader's user: it can read any file that
+user can (the solution notebook, the package sources), and code written against this grader's
+internals (rewriting the guard, an input transformer installed by a test-time object) is not
+undone by it. The parent therefore flags, for review by hand, solution cells that mention
+``fsl_course``, ``_fsl_``, transformers, trace hooks, ``gc``, ``ctypes``, ``builtins`` or
+``sys.modules``; for a real exam, run the grader as a user that cannot read ``solutions/``
+(e.g. in a container with only ``submissions/`` mounted), since reading the hidden tests from
+disk is a file-permission question no in-process check can settle. Hidden tests should also
+check types (``isinstance(x, float)``) so that an object whose ``__eq__`` always returns True
+does not pass an ``==`` assertion.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import csv
 import json
-import math
 import os
+import queue
+import re
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,18 +83,39 @@ from fsl_course.budgets import PRESETS, Budget
 from fsl_course.exercises import is_solution_cell, is_test_cell, load_source, nbgrader_meta
 
 MISSING_CELL = 'raise NotImplementedError("cell {grade_id} missing from submission")'
-CHILD_GRACE_S = 30  # start-up and kernel shut-down time the parent allows the child
 MESSAGE_CHARS = 200
-# What the child records for a cell that ran out of time, or during which the kernel died.
+OUTPUT_LIMIT = 1_000_000  # bytes of output kept per cell
+MEMORY_MB = 6144  # RLIMIT_AS of the kernel (torch alone maps a few GB of address space)
+FILE_MB = 64  # RLIMIT_FSIZE: the largest file the kernel may write
+MAX_RESTARTS = 3  # kernels started again after a crash, per submission
+INTERRUPT_GRACE_S = 2  # how long an interrupted cell may take to stop before the kernel is killed
+SEED = 0
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 CELL_TIMEOUT_ERROR = {
     "ename": "TimeoutError",
     "evalue": "the cell did not finish within its time limit (an infinite loop?)",
-    "traceback": [],
 }
 KERNEL_DIED_ERROR = {
-    "status": "error",
     "ename": "DeadKernelError",
     "evalue": "the kernel died while running this cell (out of memory, or the code ended the process?)",
+}
+NO_TOKEN_ERROR = {
+    "ename": "GradingError",
+    "evalue": "the test cell did not run to its end (did the code exit or hide its output?)",
+}
+SUSPICIOUS = re.compile(r"fsl_course|_fsl_|input_transformers|ast_transformers|settrace|setprofile|"
+                        r"\bgc\b|ctypes|builtins|sys\.modules|__wrapped__")
+HINTS = {
+    "TimeoutError": "look for a loop that never ends or a much too slow computation",
+    "DeadKernelError": "the process died: too much memory, or a call to sys.exit/os._exit/quit",
+    "NameError": "keep the function name and signature given in the exercise cell",
+    "SyntaxError": "run your cell in the notebook: it does not parse",
+    "NotImplementedError": "the exercise cell has not been filled in",
+    "MemoryError": "the code allocates far too much memory",
+    "ImportError": "write the function yourself; the course's reference implementation is not available",
+    "ReferenceUsed": "write the function yourself; the course's reference implementation is not available",
+    "GradingError": "do not exit, patch or redirect output in your solution",
+    "SystemExit": "do not call sys.exit/exit/quit in your solution",
 }
 
 
@@ -65,6 +132,7 @@ class GradedTest:
     max_points: float
     passed: bool
     message: str  # "passed", the error ("AssertionError: first line"), or why the cell did not run
+    hint: str = ""  # for a failed test: what to look at
 
 
 @dataclass
@@ -104,6 +172,19 @@ class GradeReport:
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
+    def to_markdown(self, student: str) -> str:
+        """The student's feedback: one line per test (what was checked, what went wrong, a hint)."""
+        lines = [f"# Feedback for {student}", "", f"Notebook: `{Path(self.submission).name}`; "
+                 f"score **{self.score:g}/{self.max_score:g}**.", "",
+                 "| test | points | result |", "|---|---|---|"]
+        for test in self.tests:
+            result = "passed" if test.passed else f"{test.message} (hint: {test.hint})"
+            lines.append(f"| `{test.grade_id}` | {test.points:g}/{test.max_points:g} | "
+                         f"{result.replace('|', '/')} |")
+        if self.notes:
+            lines += ["", "Notes:", ""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
     __str__ = to_text
 
 
@@ -111,13 +192,13 @@ class GradeReport:
 
 
 def grade(submission: str | Path, source: str | Path, *, timeout: float = 300, cell_timeout: float = 60,
-          budget: str = "smoke") -> GradeReport:
+          budget: str = "smoke", memory_mb: int = MEMORY_MB) -> GradeReport:
     """Grade the notebook ``submission`` against the tests in the solution notebook ``source``.
 
-    A broken submission (invalid JSON, syntax errors, missing cells, a crashing kernel,
-    infinite loops) scores zero on the affected tests, with a message; it never raises.
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a malformed
-    source notebook or bad arguments: those are the grader's mistakes, not the student's.
+    A broken or hostile submission (invalid JSON, syntax errors, missing cells, a crashing
+    kernel, infinite loops, tampering) scores zero on the affected tests, with a message; it
+    never raises. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
+    malformed source notebook or bad arguments: those are the grader's mistakes.
     """
     started = time.monotonic()
     source_nb = load_source(source)
@@ -130,7 +211,9 @@ def grade(submission: str | Path, source: str | Path, *, timeout: float = 300, c
         tests = score_tests(source_nb, {}, f"not graded: {err}")
         return GradeReport(str(submission), str(source), tests, time.monotonic() - started)
     nb, notes = assemble(source_nb, answers)
-    results, stopped = execute(nb, timeout=timeout, cell_timeout=cell_timeout, budget=budget)
+    notes += suspicious_notes(nb)
+    results, stopped = execute(nb, timeout=timeout, cell_timeout=cell_timeout, budget=budget,
+                               memory_mb=memory_mb, graded=graded_names(source_nb))
     notes += solution_errors(nb, results)
     if stopped:
         notes.append(f"the run stopped early: {stopped}")
@@ -149,7 +232,7 @@ def read_answers(path: str | Path) -> dict[str, list[str]]:
     answers = {}
     for cell in nb.cells:
         grade_id = nbgrader_meta(cell).get("grade_id")
-        if isinstance(grade_id, str):
+        if isinstance(grade_id, str) and cell.cell_type == "code":
             answers.setdefault(grade_id, []).append(cell.source)
     return answers
 
@@ -158,7 +241,8 @@ def assemble(source_nb, answers: dict[str, list[str]]):
     """The notebook to run, and notes on duplicated cells.
 
     It is ``source_nb`` with each solution cell's code replaced by the submission's cell with
-    the same grade_id (the first, if duplicated), or by a ``raise`` if there is none.
+    the same grade_id (the first, if duplicated), or by a ``raise`` if there is none. Cell
+    order, tests and setup code always come from the source.
     """
     nb, notes = copy.deepcopy(source_nb), []
     for cell in nb.cells:
@@ -172,44 +256,344 @@ def assemble(source_nb, answers: dict[str, list[str]]):
     return nb, notes
 
 
-def execute(nb, *, timeout: float, cell_timeout: float, budget: str) -> tuple[dict[str, dict], str | None]:
-    """Run ``nb`` in a child process; return the per-cell results and why it stopped early (or None).
+def suspicious_notes(nb) -> list[str]:
+    """Notes asking for a review by hand of solution cells that reach for the grader's internals."""
+    notes = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and is_solution_cell(cell):
+            found = sorted(set(SUSPICIOUS.findall(cell.source)))
+            if found:
+                notes.append(f"review by hand: solution cell {nbgrader_meta(cell)['grade_id']!r} "
+                             f"mentions {', '.join(found)}")
+    return notes
+
+
+def graded_names(nb) -> list[str]:
+    """Names of the functions the solution cells define (the graded functions; pass the source notebook)."""
+    names = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and is_solution_cell(cell):
+            try:
+                tree = ast.parse(cell.source)
+            except SyntaxError:
+                continue
+            names += [node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    return names
+
+
+def split_test(source: str) -> tuple[str, str]:
+    """A test cell's visible part and its hidden part (everything from ``### BEGIN HIDDEN TESTS``)."""
+    at = source.find(HIDDEN_BEGIN)
+    return (source, "") if at < 0 else (source[:at], source[at:])
+
+
+# The kernel's launcher: resource limits, then exec the kernel. Runs before any student code.
+LAUNCHER = """\
+import json, os, resource, sys
+limits = json.loads(sys.argv[1])
+for name, value in limits.items():
+    resource.setrlimit(getattr(resource, name), (value, value))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+PRELUDE = r'''
+def _fsl_prelude(seed, graded, watch):
+    import builtins, functools, importlib, os, pkgutil, random, sys, threading
+    random.seed(seed)
+    modules = {}
+    for name in watch:
+        try:
+            modules[name] = importlib.import_module(name)
+        except Exception:
+            pass
+    if "numpy" in modules:
+        modules["numpy"].random.seed(seed)
+    if "torch" in modules:
+        modules["torch"].manual_seed(seed)
+    originals, stubs = {}, {}
+    if graded and "fsl_course" in watch:
+        import fsl_course
+        for info in pkgutil.walk_packages(fsl_course.__path__, "fsl_course."):
+            if info.name in ("fsl_course.grading", "fsl_course.cli") or info.name.endswith("__main__"):
+                continue
+            try:
+                module = importlib.import_module(info.name)
+            except Exception:
+                continue
+            for name in graded:
+                target = getattr(module, name, None)
+                if callable(target) and getattr(target, "__module__", "").startswith("fsl_course"):
+                    originals.setdefault(name, set()).add(id(target))
+                    stub = stubs.get(id(target)) or _fsl_stub(target, f"{target.__module__}.{name}", sys)
+                    stubs[id(target)] = stub
+                    setattr(module, name, stub)
+    for stub in stubs.values():
+        originals.setdefault(stub.__name__, set()).add(id(stub))
+    objects = [builtins] + list(modules.values())
+    if "torch" in modules:
+        objects.append(modules["torch"].Tensor)
+    snapshot = [(obj, dict(vars(obj))) for obj in objects]
+    shell = get_ipython()
+    transformers = (list(shell.input_transformers_cleanup), list(shell.input_transformers_post),
+                    list(shell.ast_transformers))
+    streams = (sys.stdout, sys.stderr, sys.displayhook, sys.excepthook)
+
+    def unwrap(obj):
+        for _ in range(10):
+            inner = obj.func if isinstance(obj, functools.partial) else getattr(obj, "__wrapped__", None)
+            if inner is None:
+                break
+            obj = inner
+        return obj
+
+    missing = object()
+
+    def guard(namespace, names):
+        sys.settrace(None); sys.setprofile(None); threading.settrace(None)
+        sys.stdout, sys.stderr, sys.displayhook, sys.excepthook = streams
+        shell.input_transformers_cleanup[:], shell.input_transformers_post[:], shell.ast_transformers[:] = (
+            list(t) for t in transformers)
+        for obj, saved in snapshot:
+            current = vars(obj)
+            for key, value in saved.items():
+                if current.get(key, missing) is not value:
+                    try:
+                        setattr(obj, key, value) if isinstance(obj, type) else current.__setitem__(key, value)
+                    except Exception:
+                        pass
+        for name, value in modules.items():
+            sys.modules[name] = value
+        for name in names:
+            value = namespace.get(name)
+            if value is not None and (id(value) in originals.get(name, ()) or id(unwrap(value)) in originals.get(name, ())):
+                raise ImportError(f"{name} is the course's reference implementation, not your own code")
+    return guard
+
+
+def _fsl_stub(target, qualname, sys):
+    def stub(*args, **kwargs):
+        caller = sys._getframe(1).f_code
+        in_cell = "ipykernel_" in caller.co_filename or caller.co_filename.startswith("<ipython-input")
+        if in_cell and caller.co_name != "<module>":
+            raise ImportError(f"{qualname} is the course's reference implementation of the function you "
+                              "are writing; it is not available during grading: write your own")
+        return target(*args, **kwargs)
+    stub.__name__ = target.__name__
+    return stub
+'''
+
+
+def execute(nb, *, timeout: float, cell_timeout: float, budget: str,
+            memory_mb: int = MEMORY_MB, graded: list[str] | None = None) -> tuple[dict[str, dict], str | None]:
+    """Run ``nb`` in a fresh, limited kernel that this process drives; return the results.
 
     Results map a cell index (as a string) to ``{"status": "ok"}`` or
-    ``{"status": "error", "ename": ..., "evalue": ...}``; cells that did not run are absent.
+    ``{"status": "error", "ename": ..., "evalue": ..., "part": "visible"|"hidden"|"guard"}``;
+    cells that did not run are absent. The second value says why the run stopped early, or None.
     """
+    text = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    watch = ["math", "operator", "random"] + [name for name in ("numpy", "numpy.testing", "torch", "torch.testing",
+                                                                "torch.nn.functional", "fsl_course")
+                                             if name.split(".")[0] in text]
+    graded = graded_names(nb) if graded is None else graded  # from the source: the submission may not define them
+    deadline = time.monotonic() + timeout
+    results, stopped = {}, None
     with tempfile.TemporaryDirectory(prefix="fsl-course-grade-", ignore_cleanup_errors=True) as scratch:
-        scratch = Path(scratch)
-        (scratch / "work").mkdir()
-        nbformat.write(nb, scratch / "notebook.ipynb")
-        job = {"notebook": str(scratch / "notebook.ipynb"), "results": str(scratch / "results.json"),
-               "workdir": str(scratch / "work"), "timeout": timeout, "cell_timeout": cell_timeout}
-        (scratch / "job.json").write_text(json.dumps(job), encoding="utf-8")
-        stopped = _run_child(scratch, timeout=timeout, budget=budget)
-        results_path = Path(job["results"])
-        results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
-    return results.get("cells", {}), stopped or results.get("stopped")
-
-
-def _run_child(scratch: Path, *, timeout: float, budget: str) -> str | None:
-    """Run the child on ``scratch/job.json``; return why it failed, or None when it exited normally."""
-    env = {**os.environ, "FSL_COURSE_BUDGET": budget}
-    command = [sys.executable, "-m", "fsl_course.grading", str(scratch / "job.json")]
-    log_path = scratch / "child.log"
-    with open(log_path, "wb") as log:
-        child = subprocess.Popen(command, cwd=scratch / "work", env=env, stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=subprocess.STDOUT)
+        kernel, replay, restarts, died = None, [], 0, None
         try:
-            returncode = child.wait(timeout=timeout + CHILD_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-            return f"the grader killed the run after {timeout + CHILD_GRACE_S:g} s"
-    if returncode != 0:
-        log_lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        last_line = log_lines[-1] if log_lines else "no output"
-        return f"the grading process failed (exit code {returncode}): {last_line}"
-    return None
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code":
+                    continue
+                if time.monotonic() >= deadline:
+                    stopped = f"the time limit of {timeout:g} s ran out before cell {index}"
+                    break
+                if kernel is None or kernel.dead:
+                    if kernel is not None:
+                        kernel.kill()
+                        if restarts == MAX_RESTARTS:
+                            stopped = f"the kernel died {restarts + 1} times; the last time in cell {died}"
+                            break
+                        restarts += 1
+                    kernel = _start(Path(scratch), budget, memory_mb, graded, watch, timeout)
+                    for code in replay:  # the cells before a crash, again (not the cell that crashed)
+                        kernel.run(code, min(cell_timeout, deadline - time.monotonic()))
+                outcome = _run_cell(kernel, cell, graded, lambda: min(cell_timeout, deadline - time.monotonic()))
+                results[str(index)] = outcome
+                if kernel.dead:
+                    died = index
+                elif not is_test_cell(cell):
+                    replay.append(cell.source)
+        except RuntimeError as err:  # the kernel did not start
+            stopped = str(err)
+        finally:
+            if kernel is not None:
+                kernel.kill()
+    return results, stopped
+
+
+def _start(scratch: Path, budget: str, memory_mb: int, graded: list[str], watch: list[str],
+           timeout: float) -> _Kernel:
+    """A started kernel in a new subfolder of ``scratch``, with the prelude run."""
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    kernel = _Kernel(folder, budget=budget, memory_mb=memory_mb)
+    try:
+        kernel.start(timeout=max(30.0, min(timeout, 120.0)))
+        prelude = PRELUDE + f"\n_fsl_guard = _fsl_prelude({SEED!r}, {graded!r}, {watch!r})\ndel _fsl_prelude\n"
+        outcome = kernel.run(prelude, max(30.0, min(timeout, 120.0)))
+    except BaseException:
+        kernel.kill()
+        raise
+    if outcome["status"] != "ok":
+        kernel.kill()
+        raise RuntimeError(f"the grader's prelude failed: {error_message(outcome)}")
+    return kernel
+
+
+def _run_cell(kernel: _Kernel, cell, graded: list[str], time_limit) -> dict:
+    """Run one cell; a test cell as guard, visible part, hidden part + token, all within one time limit."""
+    cell_deadline = time.monotonic() + time_limit()
+
+    def limit() -> float:  # what is left of this cell's time
+        return cell_deadline - time.monotonic()
+
+    if not is_test_cell(cell):
+        return kernel.run(cell.source, limit())
+    token = secrets.token_hex(16)
+    used = [name for name in graded if re.search(rf"\b{re.escape(name)}\b", cell.source)]
+    outcome = kernel.run(f"_fsl_guard(get_ipython().user_ns, {used!r})", limit())
+    if outcome["status"] != "ok":
+        return {**outcome, "part": "guard"}
+    visible, hidden = split_test(cell.source)
+    parts = [("visible", visible), ("hidden", hidden)] if hidden else [("visible", visible)]
+    for n, (part, code) in enumerate(parts):
+        last = n == len(parts) - 1
+        outcome = kernel.run(code + (f"\nprint({token!r})" if last else ""), limit())
+        if outcome["status"] != "ok":
+            return {**outcome, "part": part}
+    if token not in outcome.get("tail", "").splitlines():
+        return {"status": "error", **NO_TOKEN_ERROR, "part": "hidden"}
+    return {"status": "ok"}
+
+
+class _Kernel:
+    """An IPython kernel in its own session, with resource limits, that the parent drives."""
+
+    def __init__(self, scratch: Path, *, budget: str, memory_mb: int):
+        self.work = scratch / "work"
+        self.work.mkdir()
+        self.runtime = scratch / "runtime"
+        self.runtime.mkdir()
+        self.budget, self.memory_mb = budget, memory_mb
+        self.manager = self.client = None
+        self.dead = False
+
+    def start(self, timeout: float) -> None:
+        from jupyter_client import KernelManager
+
+        limits = {"RLIMIT_AS": self.memory_mb * 2**20, "RLIMIT_FSIZE": FILE_MB * 2**20, "RLIMIT_CORE": 0}
+
+        class LimitedKernelManager(KernelManager):
+            def format_kernel_cmd(self, extra_arguments=None):
+                command = super().format_kernel_cmd(extra_arguments)
+                return [sys.executable, "-c", LAUNCHER, json.dumps(limits), *command]
+
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("JPY_", "JUPYTER_"))}
+        env.update(FSL_COURSE_BUDGET=self.budget, PYTHONHASHSEED=str(SEED), MPLBACKEND="Agg",
+                   JUPYTER_RUNTIME_DIR=str(self.runtime), PYDEVD_DISABLE_FILE_VALIDATION="1")
+        self.manager = LimitedKernelManager(kernel_name="python3", transport="ipc",
+                                            connection_file=str(self.runtime / "kernel.json"))
+        try:
+            self.manager.start_kernel(cwd=str(self.work), env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.client = self.manager.client()
+            self.client.start_channels()
+            self.client.wait_for_ready(timeout=timeout)
+        except Exception as err:
+            raise RuntimeError(f"the kernel did not start ({_first_line(str(err)) or type(err).__name__})") from err
+
+    def run(self, code: str, limit: float) -> dict:
+        """Execute ``code``; the reply status, error and stdout (capped), as observed here."""
+        if self.dead:
+            return {"status": "error", **KERNEL_DIED_ERROR}
+        limit = max(limit, 0.5)
+        msg_id = self.client.execute(code, store_history=False, allow_stdin=False, stop_on_error=False)
+        deadline, interrupted = time.monotonic() + limit, False
+        stdout, size, idle, reply, tail = [], 0, False, None, ""
+        next_check = time.monotonic() + 0.5
+        while not (idle and reply is not None):
+            if time.monotonic() > deadline:
+                if interrupted:  # the interrupt did not stop it: kill
+                    self.kill()
+                    return {"status": "error", **CELL_TIMEOUT_ERROR}
+                self.manager.interrupt_kernel()
+                interrupted, deadline = True, time.monotonic() + INTERRUPT_GRACE_S
+            try:
+                msg = self.client.iopub_channel.get_msg(timeout=0.1)
+            except queue.Empty:
+                msg = None
+            if (msg is None or time.monotonic() > next_check) and not self.manager.is_alive():
+                self.dead = True
+                return {"status": "error", **KERNEL_DIED_ERROR}
+            if time.monotonic() > next_check:
+                next_check = time.monotonic() + 0.5
+            if msg is not None and msg.get("parent_header", {}).get("msg_id") == msg_id:
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "stream" and content.get("name") == "stdout":
+                    tail = (tail + content.get("text", ""))[-4096:]
+                if kind == "stream" and content.get("name") == "stdout" and size < OUTPUT_LIMIT:
+                    piece = content.get("text", "")[: OUTPUT_LIMIT - size]
+                    stdout.append(piece)
+                    size += len(piece)
+                elif kind == "status" and content.get("execution_state") == "idle":
+                    idle = True
+            if idle and reply is None:
+                try:
+                    answer = self.client.shell_channel.get_msg(timeout=1)
+                except queue.Empty:
+                    continue
+                if answer.get("parent_header", {}).get("msg_id") == msg_id:
+                    reply = answer["content"]
+        if interrupted:
+            return {"status": "error", **CELL_TIMEOUT_ERROR}
+        if reply.get("status") == "ok":
+            return {"status": "ok", "stdout": "".join(stdout), "tail": tail}
+        return {"status": "error", "ename": str(reply.get("ename", reply.get("status"))),
+                "evalue": str(reply.get("evalue", ""))}
+
+    def kill(self) -> None:
+        """Kill the kernel and every process it started (its session, and any descendant)."""
+        self.dead = True
+        if self.client is not None:
+            self.client.stop_channels()
+        provisioner = getattr(self.manager, "provisioner", None)
+        process = getattr(provisioner, "process", None)
+        if process is not None:
+            _kill_tree(process.pid)
+        if self.manager is not None:
+            try:
+                self.manager.shutdown_kernel(now=True)
+            except Exception:
+                pass
+            self.manager.cleanup_resources()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the process ``pid``, its session (process group) and all its descendants."""
+    import psutil
+
+    try:
+        victims = psutil.Process(pid).children(recursive=True)  # also those that left the session
+    except psutil.Error:
+        victims = []
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the kernel was started in a new session: pgid == pid
+    except OSError:
+        pass
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.Error:
+            pass
 
 
 def score_tests(nb, results: dict[str, dict], not_run: str) -> list[GradedTest]:
@@ -220,10 +604,33 @@ def score_tests(nb, results: dict[str, dict], not_run: str) -> list[GradedTest]:
             continue
         meta, outcome = nbgrader_meta(cell), results.get(str(index))
         passed = outcome is not None and outcome["status"] == "ok"
-        message = "passed" if passed else error_message(outcome) if outcome else not_run
+        if passed:
+            message, hint = "passed", ""
+        elif outcome is None:
+            message, hint = not_run, "an earlier cell stopped the run; fix that first"
+        else:
+            message, hint = feedback(outcome, split_test(cell.source)[1])
         points = meta["points"] if passed else 0
-        tests.append(GradedTest(meta["grade_id"], points, meta["points"], passed, message))
+        tests.append(GradedTest(meta["grade_id"], points, meta["points"], passed, message, hint))
     return tests
+
+
+def feedback(outcome: dict, hidden: str) -> tuple[str, str]:
+    """The message and hint for a failed test; hidden details only where the author wrote them."""
+    ename, evalue = outcome.get("ename", "Error"), _first_line(outcome.get("evalue", ""))
+    if outcome.get("part") == "hidden" and ename not in HINTS:
+        authored = ename == "AssertionError" and evalue and (f'"{evalue}"' in hidden or f"'{evalue}'" in hidden)
+        message = error_message(outcome) if authored else (
+            f"{ename} in a hidden test (its details are not shown)")
+        hint = "the visible checks pass but a hidden case fails: think about edge cases, shapes, dtypes"
+        if ename == "AssertionError" and not authored and "hint:" in evalue:
+            hint = evalue[evalue.index("hint:") + 5:].strip()
+        return message, hint
+    hint = HINTS.get(ename)
+    if hint is None:
+        hint = evalue[evalue.index("hint:") + 5:].strip() if "hint:" in evalue else \
+            "run the visible check in your notebook and read the error"
+    return error_message(outcome), hint
 
 
 def solution_errors(nb, results: dict[str, dict]) -> list[str]:
@@ -245,92 +652,84 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-# --------------------------------------------------------------------------- child
+# --------------------------------------------------------------------------- batch
 
 
-class _Recorder:
-    """The child's results file, rewritten (atomically) after every cell."""
-
-    def __init__(self, path: Path):
-        self.path, self.cells, self.stopped = path, {}, None
-
-    def cell(self, index: int, reply: dict) -> None:
-        """Record the content of cell ``index``'s execute reply: status ok, error or aborted."""
-        status = reply["status"]
-        self.cells[str(index)] = {"status": "ok"} if status == "ok" else {
-            "status": "error", "ename": str(reply.get("ename", status)),
-            "evalue": str(reply.get("evalue", ""))}
-        self.save()
-
-    def stop(self, reason: str) -> None:
-        self.stopped = reason
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cells": self.cells, "stopped": self.stopped}), encoding="utf-8")
-        os.replace(tmp, self.path)
+def student_names(submissions: list[Path]) -> list[str]:
+    """``submissions/alice/01_x.ipynb`` -> ``alice``; the file stem where folders repeat."""
+    names = [path.parent.name or path.stem for path in submissions]
+    if len(set(names)) < len(names):
+        names = [f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem for path in submissions]
+    if len(set(names)) < len(names):
+        names = [f"{name}_{n}" for n, name in enumerate(names)]
+    return names
 
 
-def _child_main(job_path: str) -> int:
-    """Execute the job's notebook cell by cell, recording each cell's status."""
-    from nbclient import NotebookClient
-    from nbclient.exceptions import DeadKernelError
+def grade_batch(submissions: list[str | Path], source: str | Path, out: str | Path, *, workers: int = 2,
+                **limits) -> list[tuple[str, GradeReport]]:
+    """Grade ``submissions`` (``workers`` at a time); write the gradebook and feedback into ``out``.
 
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    nb = nbformat.read(job["notebook"], as_version=4)
-    recorder = _Recorder(Path(job["results"]))
-    deadline = time.monotonic() + job["timeout"]
-
-    def cell_time_limit(cell) -> int:
-        """``cell_timeout`` seconds, but never past the deadline of the whole run."""
-        return max(1, math.ceil(min(job["cell_timeout"], deadline - time.monotonic())))
-
-    def record(cell_index, execute_reply, **_) -> None:
-        recorder.cell(cell_index, execute_reply["content"])
-
-    client = NotebookClient(
-        nb, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
-        error_on_timeout=CELL_TIMEOUT_ERROR, shutdown_kernel="immediate", timeout_func=cell_time_limit,
-        on_cell_executed=record, resources={"metadata": {"path": job["workdir"]}},
-    )
-    with client.setup_kernel():
-        for index, cell in enumerate(nb.cells):
-            if time.monotonic() >= deadline:
-                recorder.stop(f"the time limit of {job['timeout']:g} s ran out before cell {index}")
-                break
-            try:
-                client.execute_cell(cell, index, execution_count=client.code_cells_executed + 1)
-            except DeadKernelError:
-                recorder.cell(index, KERNEL_DIED_ERROR)
-                recorder.stop(f"the kernel died in cell {index}")
-                break
-    recorder.save()  # also when no code cell ran
-    return 0
+    The files are written after every kernel is dead, replacing whatever is there.
+    """
+    load_source(source)  # fail early on a bad source
+    paths = [Path(path) for path in submissions]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(path)
+    names = student_names(paths)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reports = list(pool.map(lambda path: grade(path, source, **limits), paths))
+    rows = sorted(zip(names, reports, strict=True), key=lambda row: row[0])
+    out = Path(out)
+    (out / "feedback").mkdir(parents=True, exist_ok=True)
+    test_ids = [test.grade_id for test in rows[0][1].tests] if rows else []
+    with open(out / "gradebook.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["student", "submission", "score", "max_score", *test_ids])
+        for name, report in rows:
+            writer.writerow([name, report.submission, f"{report.score:g}", f"{report.max_score:g}",
+                             *(f"{test.points:g}" for test in report.tests)])
+    gradebook = {"source": str(source), "students": {
+        name: {key: value for key, value in report.to_dict().items() if key != "seconds"} for name, report in rows}}
+    (out / "gradebook.json").write_text(json.dumps(gradebook, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name, report in rows:
+        (out / "feedback" / f"{name}.md").write_text(report.to_markdown(name), encoding="utf-8")
+    return rows
 
 
 # --------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("submission", metavar="SUBMISSION.ipynb", help="the student's notebook")
+    parser.add_argument("submission", nargs="+", metavar="SUBMISSION.ipynb",
+                        help="the students' notebooks (e.g. submissions/*/NN_name.ipynb)")
     parser.add_argument("--source", required=True, metavar="SOLUTION.ipynb",
                         help="the solution notebook with the hidden tests, e.g. solutions/NN_name.ipynb")
+    parser.add_argument("--out", metavar="DIR", help="write gradebook.csv, gradebook.json and "
+                        "feedback/STUDENT.md here (needed for more than one submission)")
+    parser.add_argument("--workers", type=int, default=2, help="submissions graded in parallel (default: 2)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--timeout", type=float, default=300, metavar="S",
                         help="time limit for the whole notebook, in seconds (default: 300)")
     parser.add_argument("--cell-timeout", type=float, default=60, metavar="S",
                         help="time limit for one cell, in seconds (default: 60)")
+    parser.add_argument("--memory-mb", type=int, default=MEMORY_MB, metavar="MB",
+                        help=f"address-space limit of the kernel, in MiB (default: {MEMORY_MB})")
     parser.add_argument("--budget", choices=PRESETS, default="smoke",
                         help="FSL_COURSE_BUDGET for the run (default: smoke)")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = grade(args.submission, args.source, timeout=args.timeout, cell_timeout=args.cell_timeout,
-                   budget=args.budget)
-    print(report.to_json() if args.json else report.to_text())
+    limits = {"timeout": args.timeout, "cell_timeout": args.cell_timeout, "budget": args.budget,
+              "memory_mb": args.memory_mb}
+    if args.out is None:
+        if len(args.submission) > 1:
+            raise SystemExit("fsl-course grade: give --out DIR to grade more than one submission")
+        report = grade(args.submission[0], args.source, **limits)
+        print(report.to_json() if args.json else report.to_text())
+        return 0
+    rows = grade_batch(args.submission, args.source, args.out, workers=args.workers, **limits)
+    for name, report in rows:
+        print(f"{name}: {report.score:g}/{report.max_score:g}")
+    print(f"wrote {Path(args.out) / 'gradebook.csv'}, gradebook.json and {len(rows)} feedback files")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(*sys.argv[1:]))
