@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -53,9 +53,8 @@ class EvalResult:
         )
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("accuracies")
-        return {"accuracy": self.accuracy, "ci95": self.ci95, **d["protocol"]}
+        """``{"accuracy", "ci95", **protocol}``: what ``fsl-course eval --json`` prints."""
+        return {"accuracy": self.accuracy, "ci95": self.ci95, **self.protocol}
 
 
 @torch.no_grad()

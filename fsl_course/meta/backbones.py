@@ -49,8 +49,6 @@ class Conv4(nn.Module):
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, norm: str = "batch"):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
         self.hidden = hidden
         blocks = []
         for i in range(4):

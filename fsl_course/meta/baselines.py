@@ -155,9 +155,10 @@ def pretrain(
     flat_images = rearrange(images, "c n ch h w -> (c n) ch h w")
     generator = torch.Generator().manual_seed(seed)
 
-    backbone.to(device).train()
-    with torch.no_grad():
-        feature_dim = backbone(flat_images[:2].to(device)).shape[1]
+    backbone.to(device).eval()
+    with torch.no_grad():  # probe the feature size in eval mode, so no batch-norm statistics move
+        feature_dim = backbone(flat_images[:1].to(device)).shape[1]
+    backbone.train()
     head = nn.Linear(feature_dim, n_classes).to(device)
     with torch.no_grad():  # seeded, so two runs with the same seed agree
         bound = feature_dim**-0.5
