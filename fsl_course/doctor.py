@@ -139,6 +139,9 @@ def collect() -> dict[str, Any]:
     }
 
     report["datasets"] = [dict(entry) for entry in data.status()]
+    from fsl_course import sandbox
+
+    report["grading_sandbox"] = sandbox.probe()  # not a problem when missing: grading still works, less isolated
     report["problems"] = problems
     return report
 
@@ -169,6 +172,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"Cache         {c['path']}  ({_human(c['bytes'])}"
         + (", from FSL_COURSE_CACHE)" if c["from_env"] else "; set FSL_COURSE_CACHE to move it)")
     )
+    lines.append(f"Grading       kernels {report['grading_sandbox']} (fsl_course.sandbox)")
     lines.append("")
     lines.append("Datasets")
     width = max([len(d["name"]) for d in report["datasets"]] + [8])

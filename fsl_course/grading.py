@@ -37,24 +37,29 @@ cell (hidden tests compare with the reference) still reach it. The guard also fa
 whose graded name *is* the reference (``from fsl_course.evaluation import mean_ci95``,
 through ``functools.partial``/``__wrapped__`` too).
 
-**Limits.** The kernel is started (in its own session) through a small launcher that sets
-``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_FSIZE`` and ``RLIMIT_CORE`` before it execs
-ipykernel; each execution gets at most ``cell_timeout`` seconds (then the kernel is interrupted,
-the cell scores zero, and grading goes on), the whole notebook at most ``timeout`` seconds
-(then the remaining cells are not run); captured output is capped at ``OUTPUT_LIMIT`` bytes
-per cell (the rest is drained and dropped). At the end the parent kills the kernel's whole
-process tree (its descendants found with psutil, then ``os.killpg`` on its session).
+**Limits.** The kernel is started (in its own session) through :mod:`fsl_course.sandbox`,
+which sets ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_FSIZE`` and ``RLIMIT_CORE`` and, on Linux,
+puts it in new user, mount, PID and network namespaces: the folders of the solution notebook
+and of every submission of the batch (and the ``.git`` above them) are covered by empty mounts,
+every file system but the kernel's scratch folder is read-only (the dataset cache too, built
+beforehand by :func:`prepare_caches`), no other process is visible and there is no network.
+Those mounts are locked: code in the kernel cannot undo them. Where unprivileged namespaces are
+not allowed, grading goes on without them and the report says so in a note (``fsl-course
+doctor`` shows which it is). The kernel runs on the CPU (``FSL_COURSE_DEVICE=cpu``): results are
+the same on every machine and CUDA never starts under the address-space limit. Each execution
+gets at most ``cell_timeout`` seconds (then the kernel is interrupted, the cell scores zero, and
+grading goes on), the whole notebook at most ``timeout`` seconds (then the remaining cells are
+not run); captured output is capped at ``OUTPUT_LIMIT`` bytes per cell (the rest is drained and
+dropped). At the end the parent kills the kernel's whole process tree (its descendants found
+with psutil, then ``os.killpg`` on its session).
 
-**What this does not stop.** The kernel runs as the grader's user: it can read any file that
-user can (the solution notebook, the package sources), and code written against this grader's
-internals (rewriting the guard, an input transformer installed by a test-time object) is not
-undone by it. The parent therefore flags, for review by hand, solution cells that mention
-``fsl_course``, ``_fsl_``, transformers, trace hooks, ``gc``, ``ctypes``, ``builtins`` or
-``sys.modules``; for a real exam, run the grader as a user that cannot read ``solutions/``
-(e.g. in a container with only ``submissions/`` mounted), since reading the hidden tests from
-disk is a file-permission question no in-process check can settle. Hidden tests should also
-check types (``isinstance(x, float)``) so that an object whose ``__eq__`` always returns True
-does not pass an ``==`` assertion.
+**What this does not stop.** Copies of the solutions elsewhere on the machine that the
+grader's user can read (without the sandbox: all of them), and code written against this
+grader's internals (rewriting the guard, an input transformer installed by a test-time object),
+which the guard does not undo. The parent therefore flags, for review by hand, solution cells
+that mention ``fsl_course``, ``_fsl_``, transformers, trace hooks, ``gc``, ``ctypes``,
+``builtins`` or ``sys.modules``. Hidden tests should also check types (``isinstance(x, float)``)
+so that an object whose ``__eq__`` always returns True does not pass an ``==`` assertion.
 """
 
 from __future__ import annotations
@@ -192,13 +197,19 @@ class GradeReport:
 
 
 def grade(submission: str | Path, source: str | Path, *, timeout: float = 300, cell_timeout: float = 60,
-          budget: str = "smoke", memory_mb: int = MEMORY_MB) -> GradeReport:
+          budget: str = "smoke", memory_mb: int = MEMORY_MB, sandbox: bool = True,
+          hide: list[str | Path] = ()) -> GradeReport:
     """Grade the notebook ``submission`` against the tests in the solution notebook ``source``.
 
     A broken or hostile submission (invalid JSON, syntax errors, missing cells, a crashing
     kernel, infinite loops, tampering) scores zero on the affected tests, with a message; it
     never raises. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
     malformed source notebook or bad arguments: those are the grader's mistakes.
+
+    With ``sandbox`` (Linux) the kernel runs in :mod:`fsl_course.sandbox`: the folder of
+    ``source``, of ``submission``, the ``.git`` above them and the ``hide`` paths are hidden
+    from it, and everything but its scratch folder is read-only. Where that is not possible
+    the report says so in a note and grading goes on with the other limits.
     """
     started = time.monotonic()
     source_nb = load_source(source)
@@ -212,8 +223,12 @@ def grade(submission: str | Path, source: str | Path, *, timeout: float = 300, c
         return GradeReport(str(submission), str(source), tests, time.monotonic() - started)
     nb, notes = assemble(source_nb, answers)
     notes += suspicious_notes(nb)
-    results, stopped = execute(nb, timeout=timeout, cell_timeout=cell_timeout, budget=budget,
-                               memory_mb=memory_mb, graded=graded_names(source_nb))
+    hidden = paths_to_hide([source, submission, *hide]) if sandbox else None
+    results, stopped, sandboxed = execute(nb, timeout=timeout, cell_timeout=cell_timeout, budget=budget,
+                                          memory_mb=memory_mb, graded=graded_names(source_nb), hide=hidden)
+    if sandbox and sandboxed != "sandboxed":
+        notes.append(f"the kernel ran without the sandbox ({sandboxed}): it could read the solution "
+                     "notebook and write outside its scratch folder")
     notes += solution_errors(nb, results)
     if stopped:
         notes.append(f"the run stopped early: {stopped}")
@@ -286,15 +301,6 @@ def split_test(source: str) -> tuple[str, str]:
     at = source.find(HIDDEN_BEGIN)
     return (source, "") if at < 0 else (source[:at], source[at:])
 
-
-# The kernel's launcher: resource limits, then exec the kernel. Runs before any student code.
-LAUNCHER = """\
-import json, os, resource, sys
-limits = json.loads(sys.argv[1])
-for name, value in limits.items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 PRELUDE = r'''
 def _fsl_prelude(seed, graded, watch):
@@ -383,21 +389,32 @@ def _fsl_stub(target, qualname, sys):
 '''
 
 
-def execute(nb, *, timeout: float, cell_timeout: float, budget: str,
-            memory_mb: int = MEMORY_MB, graded: list[str] | None = None) -> tuple[dict[str, dict], str | None]:
+def execute(nb, *, timeout: float, cell_timeout: float, budget: str, memory_mb: int = MEMORY_MB,
+            graded: list[str] | None = None, hide: list[str] | None = None) -> tuple[dict[str, dict], str | None, str]:
     """Run ``nb`` in a fresh, limited kernel that this process drives; return the results.
 
     Results map a cell index (as a string) to ``{"status": "ok"}`` or
     ``{"status": "error", "ename": ..., "evalue": ..., "part": "visible"|"hidden"|"guard"}``;
-    cells that did not run are absent. The second value says why the run stopped early, or None.
+    cells that did not run are absent. The second value says why the run stopped early, or None;
+    the third is the sandbox status (``"sandboxed"``, or ``"unsandboxed: why"``). ``hide=None``
+    runs without the sandbox; a list runs in it, with those paths hidden.
     """
     text = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
     watch = ["math", "operator", "random"] + [name for name in ("numpy", "numpy.testing", "torch", "torch.testing",
                                                                 "torch.nn.functional", "fsl_course")
                                              if name.split(".")[0] in text]
+    if "fsl_course.checks" in text:  # the visible checks: restored like the other watched modules
+        import pkgutil
+
+        import fsl_course.checks
+
+        watch += ["fsl_course.checks"] + [info.name for info in pkgutil.iter_modules(fsl_course.checks.__path__,
+                                                                                     "fsl_course.checks.")]
     graded = graded_names(nb) if graded is None else graded  # from the source: the submission may not define them
     deadline = time.monotonic() + timeout
-    results, stopped = {}, None
+    results, stopped, sandboxed = {}, None, "unsandboxed: not requested"
+    if hide is not None:
+        prepare_caches()
     with tempfile.TemporaryDirectory(prefix="fsl-course-grade-", ignore_cleanup_errors=True) as scratch:
         kernel, replay, restarts, died = None, [], 0, None
         try:
@@ -414,7 +431,8 @@ def execute(nb, *, timeout: float, cell_timeout: float, budget: str,
                             stopped = f"the kernel died {restarts + 1} times; the last time in cell {died}"
                             break
                         restarts += 1
-                    kernel = _start(Path(scratch), budget, memory_mb, graded, watch, timeout)
+                    kernel = _start(Path(scratch), budget, memory_mb, graded, watch, timeout, hide)
+                    sandboxed = kernel.sandboxed
                     for code in replay:  # the cells before a crash, again (not the cell that crashed)
                         kernel.run(code, min(cell_timeout, deadline - time.monotonic()))
                 outcome = _run_cell(kernel, cell, graded, lambda: min(cell_timeout, deadline - time.monotonic()))
@@ -428,14 +446,41 @@ def execute(nb, *, timeout: float, cell_timeout: float, budget: str,
         finally:
             if kernel is not None:
                 kernel.kill()
-    return results, stopped
+    return results, stopped, sandboxed
+
+
+def paths_to_hide(paths: list[str | Path]) -> list[str]:
+    """What the sandboxed kernel must not see: the folder of each of ``paths`` (the solution
+    notebook, the submission) and the ``.git`` folders above them. A folder that holds
+    something the kernel needs (this Python, the fsl_course package, the cache) is not hidden;
+    only the file itself is."""
+    import fsl_course
+    from fsl_course.cache import cache_dir
+
+    needed = [Path(p).resolve() for p in (sys.prefix, Path(fsl_course.__file__).parent, cache_dir(),
+                                          tempfile.gettempdir(), Path.home())]
+    hidden = []
+    for path in map(lambda p: Path(p).resolve(), paths):
+        folder = path.parent
+        hidden.append(path if any(n == folder or folder in n.parents for n in needed) else folder)
+        hidden += [git for git in (d / ".git" for d in [folder, *folder.parents]) if git.is_dir()][:1]
+    return sorted({str(path) for path in hidden})
+
+
+def prepare_caches() -> None:
+    """Build, in this process, the dataset caches that exercise notebooks read: the sandboxed
+    kernel sees the cache read-only (a submission must not change what the next one reads)."""
+    from fsl_course import data
+
+    for split in ("train", "val", "test"):
+        data.load("glyphs", split)
 
 
 def _start(scratch: Path, budget: str, memory_mb: int, graded: list[str], watch: list[str],
-           timeout: float) -> _Kernel:
+           timeout: float, hide: list[str] | None) -> _Kernel:
     """A started kernel in a new subfolder of ``scratch``, with the prelude run."""
     folder = Path(tempfile.mkdtemp(dir=scratch))
-    kernel = _Kernel(folder, budget=budget, memory_mb=memory_mb)
+    kernel = _Kernel(folder, budget=budget, memory_mb=memory_mb, hide=hide)
     try:
         kernel.start(timeout=max(30.0, min(timeout, 120.0)))
         prelude = PRELUDE + f"\n_fsl_guard = _fsl_prelude({SEED!r}, {graded!r}, {watch!r})\ndel _fsl_prelude\n"
@@ -478,7 +523,9 @@ def _run_cell(kernel: _Kernel, cell, graded: list[str], time_limit) -> dict:
 class _Kernel:
     """An IPython kernel in its own session, with resource limits, that the parent drives."""
 
-    def __init__(self, scratch: Path, *, budget: str, memory_mb: int):
+    def __init__(self, scratch: Path, *, budget: str, memory_mb: int, hide: list[str] | None):
+        self.scratch, self.hide = scratch, hide
+        self.sandboxed = "unsandboxed: not requested"
         self.work = scratch / "work"
         self.work.mkdir()
         self.runtime = scratch / "runtime"
@@ -490,16 +537,23 @@ class _Kernel:
     def start(self, timeout: float) -> None:
         from jupyter_client import KernelManager
 
-        limits = {"RLIMIT_AS": self.memory_mb * 2**20, "RLIMIT_FSIZE": FILE_MB * 2**20, "RLIMIT_CORE": 0}
+        status = self.runtime / "sandbox"
+        config = json.dumps({
+            "limits": {"RLIMIT_AS": self.memory_mb * 2**20, "RLIMIT_FSIZE": FILE_MB * 2**20, "RLIMIT_CORE": 0},
+            "sandbox": None if self.hide is None else {"writable": str(self.scratch), "hide": self.hide},
+            "status": str(status)})
 
         class LimitedKernelManager(KernelManager):
             def format_kernel_cmd(self, extra_arguments=None):
                 command = super().format_kernel_cmd(extra_arguments)
-                return [sys.executable, "-c", LAUNCHER, json.dumps(limits), *command]
+                return [sys.executable, "-m", "fsl_course.sandbox", config, *command]
 
         env = {key: value for key, value in os.environ.items() if not key.startswith(("JPY_", "JUPYTER_"))}
-        env.update(FSL_COURSE_BUDGET=self.budget, PYTHONHASHSEED=str(SEED), MPLBACKEND="Agg",
-                   JUPYTER_RUNTIME_DIR=str(self.runtime), PYDEVD_DISABLE_FILE_VALIDATION="1")
+        # Grading runs on the CPU: deterministic, the same everywhere, and no CUDA start-up
+        # under the address-space limit.
+        env.update(FSL_COURSE_BUDGET=self.budget, FSL_COURSE_DEVICE="cpu", CUDA_VISIBLE_DEVICES="",
+                   PYTHONHASHSEED=str(SEED), MPLBACKEND="Agg", JUPYTER_RUNTIME_DIR=str(self.runtime),
+                   TMPDIR=str(self.work), IPYTHONDIR=str(self.scratch / "ipython"), PYDEVD_DISABLE_FILE_VALIDATION="1")
         self.manager = LimitedKernelManager(kernel_name="python3", transport="ipc",
                                             connection_file=str(self.runtime / "kernel.json"))
         try:
@@ -510,6 +564,8 @@ class _Kernel:
             self.client.wait_for_ready(timeout=timeout)
         except Exception as err:
             raise RuntimeError(f"the kernel did not start ({_first_line(str(err)) or type(err).__name__})") from err
+        # written by the launcher before the kernel existed, read before any student code runs
+        self.sandboxed = status.read_text() if status.is_file() else "unsandboxed: no status from the launcher"
 
     def run(self, code: str, limit: float) -> dict:
         """Execute ``code``; the reply status, error and stdout (capped), as observed here."""
@@ -678,7 +734,8 @@ def grade_batch(submissions: list[str | Path], source: str | Path, out: str | Pa
             raise FileNotFoundError(path)
     names = student_names(paths)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reports = list(pool.map(lambda path: grade(path, source, **limits), paths))
+        # each kernel also loses sight of the other students' submissions
+        reports = list(pool.map(lambda path: grade(path, source, hide=paths, **limits), paths))
     rows = sorted(zip(names, reports, strict=True), key=lambda row: row[0])
     out = Path(out)
     (out / "feedback").mkdir(parents=True, exist_ok=True)
@@ -717,11 +774,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address-space limit of the kernel, in MiB (default: {MEMORY_MB})")
     parser.add_argument("--budget", choices=PRESETS, default="smoke",
                         help="FSL_COURSE_BUDGET for the run (default: smoke)")
+    parser.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                        help="run kernels without the Linux namespace sandbox (fsl_course.sandbox)")
 
 
 def run(args: argparse.Namespace) -> int:
     limits = {"timeout": args.timeout, "cell_timeout": args.cell_timeout, "budget": args.budget,
-              "memory_mb": args.memory_mb}
+              "memory_mb": args.memory_mb, "sandbox": args.sandbox}
     if args.out is None:
         if len(args.submission) > 1:
             raise SystemExit("fsl-course grade: give --out DIR to grade more than one submission")

@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fsl_course import exercises, grading
+from fsl_course import exercises, grading, sandbox
 
 TINY = Path(__file__).parent / "fixtures" / "notebooks" / "01_tiny.ipynb"
 MEAN_OK = "def mean(xs):\n    return sum(xs) / len(xs)"
@@ -62,6 +62,11 @@ def submit(source):
     return write
 
 
+def without_sandbox_note(notes: list[str]) -> list[str]:
+    """The notes, less the one a machine without user namespaces adds to every report."""
+    return [note for note in notes if not note.startswith("the kernel ran without the sandbox")]
+
+
 def by_id(report):
     return {test.grade_id: test for test in report.tests}
 
@@ -78,7 +83,7 @@ def test_solution_graded_against_itself_gets_full_marks(source, capsys):
     assert report["score"] == report["max_score"] == 5
     assert [(t["grade_id"], t["points"], t["passed"]) for t in report["tests"]] == [
         ("test_mean", 2, True), ("test_norm", 3, True)]
-    assert report["notes"] == []
+    assert without_sandbox_note(report["notes"]) == []
 
 
 def test_generated_exercise_scores_zero_but_reports_every_test(submit, source):
@@ -124,7 +129,7 @@ def test_missing_cell_scores_zero_for_its_tests_and_a_duplicated_cell_counts_onc
     tests = by_id(report)
     assert report.score == 2 and tests["test_mean"].passed
     assert tests["test_norm"].message == "NameError: name 'norm' is not defined"
-    assert report.notes == [
+    assert without_sandbox_note(report.notes) == [
         "the submission has 2 cells with grade_id 'mean_impl'; the first one was graded",
         "solution cell 'norm_impl' raised NotImplementedError: cell norm_impl missing from submission",
     ]
@@ -251,20 +256,28 @@ def _fake_gradebook_attack(out: Path) -> str:
             "def mean(xs):\n    return 0")
 
 
-def _spawn_attack(pid_file: Path) -> str:
+def _spawn_attack(marker: str) -> str:
+    # the child leaves the kernel's session; in the sandbox its pid is not the one outside, so
+    # the test looks for its command line instead
     return ("import subprocess\n"
-            "child = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n" + MEAN_OK)
+            f"child = subprocess.Popen(['sleep', {marker!r}], start_new_session=True)\n" + MEAN_OK)
+
+
+def _read_solution_attack(source: Path) -> str:
+    # full marks for mean only if the solution notebook (with the hidden tests) can be read
+    return (f"text = open({str(source)!r}).read()\n"
+            "def mean(xs):\n    return sum(xs) / len(xs) if 'HIDDEN TESTS' in text else 0")
 
 
 @pytest.fixture(scope="module")
 def adversarial(submit, source, tmp_path_factory):
     """The batch's output folder, its rows by student, the spawned process id, the wall time."""
     root = tmp_path_factory.mktemp("adversarial")
-    out, pid_file = root / "out", root / "spawned.pid"
+    out, marker = root / "out", f"{600 + int.from_bytes(os.urandom(2), 'big') / 1e5:.5f}"
     cases = {name: mean for name, (mean, _, _) in ADVERSARIAL.items()}
     cases["fake_gradebook"] = _fake_gradebook_attack(out)
-    cases["spawns_a_process"] = _spawn_attack(pid_file)
+    cases["spawns_a_process"] = _spawn_attack(marker)
+    cases["reads_the_solution_notebook"] = _read_solution_attack(source)
     cases["right"] = MEAN_OK
     cases["random_a"] = cases["random_b"] = RANDOM_MEAN  # seeded: the same answer, the same score
     paths = []
@@ -287,7 +300,7 @@ def adversarial(submit, source, tmp_path_factory):
     SEEN["huge_file_bytes"] = HUGE_FILE.stat().st_size if HUGE_FILE.exists() else 0
     HUGE_FILE.unlink(missing_ok=True)
     gradebook = json.loads((out / "gradebook.json").read_text(encoding="utf-8"))["students"]
-    return out, gradebook, pid_file, seconds
+    return out, gradebook, marker, seconds
 
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
@@ -304,7 +317,7 @@ def test_adversarial_submission_is_contained(adversarial, name):
 
 
 def test_the_batch_finishes_within_its_limits(adversarial):
-    # 17 submissions, 2 at a time; the slowest hits its cell timeout once
+    # 22 submissions, 2 at a time; the slowest hits its cell timeout once
     assert adversarial[3] < 60
 
 
@@ -319,10 +332,49 @@ def test_fake_gradebook_and_feedback_are_overwritten(adversarial):
 
 def test_spawned_processes_are_killed(adversarial):
     psutil = pytest.importorskip("psutil")
-    _, gradebook, pid_file, _ = adversarial
+    _, gradebook, marker, _ = adversarial
     assert gradebook["spawns_a_process"]["score"] == 5
-    pid = int(pid_file.read_text())
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    alive = [p for p in psutil.process_iter(["cmdline", "status"])
+             if marker in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert alive == []
+
+
+@pytest.fixture(scope="module")
+def sandboxed():
+    status = sandbox.probe()
+    if status != "sandboxed":
+        pytest.skip(f"no sandbox on this machine ({status})")
+
+
+def test_the_solution_notebook_is_hidden_from_the_kernel(adversarial, sandboxed):
+    report = adversarial[1]["reads_the_solution_notebook"]
+    tests = {test["grade_id"]: test for test in report["tests"]}
+    assert report["score"] == 3 and tests["test_norm"]["passed"], report
+    assert tests["test_mean"]["message"] == "NameError: name 'mean' is not defined"
+    assert any("FileNotFoundError" in note for note in report["notes"]), report
+
+
+def test_sandboxed_kernel_cannot_write_outside_scratch_or_see_other_processes(source, tmp_path, sandboxed):
+    target = tmp_path / "written.txt"
+    probe_cell = (f"import os\nopen({str(target)!r}, 'w').write('x')\n" + MEAN_OK)
+    report = grading.grade(_submission_with(source, tmp_path, mean=probe_cell), source)
+    assert not target.exists() and not by_id(report)["test_mean"].passed
+    assert any("Read-only file system" in note for note in report.notes), report.notes
+    seen = ("import os\nassert [p for p in os.listdir('/proc') if p.isdigit()] == ['1'], os.listdir('/proc')\n"
+            + MEAN_OK)
+    report = grading.grade(_submission_with(source, tmp_path, mean=seen), source)
+    assert by_id(report)["test_mean"].passed, report.notes
+
+
+def _submission_with(source: Path, folder: Path, **answers) -> Path:
+    nb = nbformat.read(source, as_version=4)
+    for cell in nb.cells:
+        name = exercises.nbgrader_meta(cell).get("grade_id", "").removesuffix("_impl")
+        if name in answers:
+            cell.source = answers[name]
+    path = folder / f"submission_{len(list(folder.iterdir()))}.ipynb"
+    nbformat.write(nb, path)
+    return path
 
 
 def test_reordered_cells_are_graded_by_grade_id_and_invalid_json_scores_zero(adversarial):
@@ -335,7 +387,7 @@ def test_reordered_cells_are_graded_by_grade_id_and_invalid_json_scores_zero(adv
 def test_gradebook_csv_json_and_feedback_files(adversarial):
     out, gradebook, _, _ = adversarial
     rows = list(csv.DictReader((out / "gradebook.csv").open(encoding="utf-8")))
-    assert [row["student"] for row in rows] == sorted(gradebook) and len(rows) == len(ADVERSARIAL) + 7
+    assert [row["student"] for row in rows] == sorted(gradebook) and len(rows) == len(ADVERSARIAL) + 8
     assert set(rows[0]) == {"student", "submission", "score", "max_score", "test_mean", "test_norm"}
     assert sorted(path.stem for path in (out / "feedback").glob("*.md")) == sorted(gradebook)
     feedback = (out / "feedback" / "nan.md").read_text(encoding="utf-8")
