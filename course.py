@@ -142,6 +142,10 @@ def ensure_dataset(python: Path) -> None:
     start = time.monotonic()
     run([python, "-c", "import fsl_course.data as d; d.load('glyphs','train')"])
     say(f"glyph dataset ready ({time.monotonic() - start:.0f} s)")
+    say("checking the feature net of the generative metrics (trained once, then cached)")
+    start = time.monotonic()
+    run([python, "-c", "import fsl_course.metrics as m; m.feature_extractor(progress=False)"])
+    say(f"feature net ready ({time.monotonic() - start:.0f} s)")
 
 
 def setup() -> Path:

@@ -12,7 +12,8 @@ COMMANDS = {
     "doctor": ("fsl_course.doctor", "environment, device, budget, cache and data report"),
     "data": ("fsl_course.data.cli", "list datasets, or draw a grid of a dataset's classes"),
     "train": ("fsl_course.train", "train a model or few-shot learner and save a checkpoint"),
-    "eval": ("fsl_course.evaluation", "episodic accuracy with a 95% confidence interval"),
+    "eval": ("fsl_course.evaluation", "learners: episodic accuracy with a 95% CI; generative models: Fréchet distance, few-shot generation scores, NLL"),
+    "sample": ("fsl_course.sample", "draw a grid of samples from a generative-model checkpoint"),
     "exercises": ("fsl_course.exercises", "build exercises/ from solutions/, or check they are in sync"),
     "grade": ("fsl_course.grading", "grade a submitted exercise notebook against the hidden tests"),
 }

@@ -97,31 +97,163 @@ def evaluate(
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", metavar="PATH", help="a learner checkpoint written by `fsl-course train`")
+    parser.add_argument("checkpoint", metavar="PATH",
+                        help="a checkpoint written by `fsl-course train`: a few-shot learner or a generative model")
     parser.add_argument("--dataset", default="glyphs", help="glyphs, digits or omniglot (default: glyphs)")
     parser.add_argument("--split", default="test", help="train, val or test (default: test)")
     parser.add_argument("--root", default=None, help="dataset folder (omniglot)")
     parser.add_argument("--way", type=int, default=5, help="N: classes per episode (default 5)")
-    parser.add_argument("--shot", type=int, default=1, help="K: support examples per class (default 1)")
+    parser.add_argument("--shot", type=int, default=None,
+                        help="K: support examples per class (default 1; generative models: both 1 and 5)")
     parser.add_argument("--query", type=int, default=15, help="Q: queries per class (default 15)")
-    parser.add_argument("--episodes", type=int, default=600, help="number of episodes (default 600)")
+    parser.add_argument("--episodes", type=int, default=None,
+                        help="number of episodes (default 600; generative models: 100)")
     parser.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: fsl_course.device())")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    generative = parser.add_argument_group("generative models (see fsl_course.metrics)")
+    generative.add_argument("--samples", type=int, default=2000,
+                            help="samples for the Fréchet distance and the class-conditional accuracy (default 2000)")
+    generative.add_argument("--gen-samples", type=int, default=20,
+                            help="images generated per class in a few-shot episode (default 20)")
+    generative.add_argument("--baselines", action="store_true",
+                            help="few-shot models: also score classic augmentation of the shots and the model's "
+                                 "unconditional samples on the same episodes")
+    generative.add_argument("--nll-k", type=int, default=0, metavar="K",
+                            help="VAEs: also estimate the test NLL with the IWAE bound with K samples (e.g. 5000; default off)")
+    generative.add_argument("--nll-images", type=int, default=500, metavar="M",
+                            help="test images for the NLL, a fixed seeded binarisation (default 500)")
 
 
 def run(args) -> int:
+    from fsl_course.checkpoint import load_checkpoint
     from fsl_course.data import load
-    from fsl_course.meta import load_learner
-
     from fsl_course.runtime import device as default_device
 
     device = torch.device(args.device) if args.device else default_device()
+    if "model" in load_checkpoint(args.checkpoint)[1]:
+        return run_generative(args, device)
+    from fsl_course.meta import load_learner
+
     dataset = load(args.dataset, args.split, root=args.root)
     learner = load_learner(args.checkpoint, device=device)
-    result = evaluate(learner, dataset, args.way, args.shot, args.query, args.episodes, args.seed, device=device, progress=not args.json)
+    shot = 1 if args.shot is None else args.shot
+    episodes = 600 if args.episodes is None else args.episodes
+    result = evaluate(learner, dataset, args.way, shot, args.query, episodes, args.seed, device=device, progress=not args.json)
     if args.json:
         print(json.dumps({**result.to_dict(), "checkpoint": str(args.checkpoint)}))
     else:
         print(result)
     return 0
+
+
+def run_generative(args, device: torch.device) -> int:
+    """``fsl-course eval`` for a generative model: every metric of :func:`fsl_course.metrics.generative_report`
+    that its kind allows, and for a VAE the IWAE estimate of the test NLL (``--nll-k``).
+
+    * unconditional: ``--samples`` samples -> Fréchet distance to the glyph training images;
+    * conditional: the same number of samples, labels cycling over the classes -> Fréchet
+      distance and class-conditional accuracy;
+    * few-shot (``generate``), and VAEs through prototype-latent sampling: fidelity, diversity
+      and novelty on ``--way``-way episodes of ``--dataset``/``--split`` for K = 1 and 5 (or ``--shot``).
+    """
+    import time
+
+    from fsl_course import metrics, vae
+    from fsl_course.data import load
+    from fsl_course.generative import load_model, model_kind
+
+    model = load_model(args.checkpoint, device=device)
+    kind, generator = model_kind(model), torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    samples = labels = generate = None
+    if kind == "conditional":
+        labels = torch.arange(args.samples) % model.n_classes
+        samples = torch.cat([model.sample(chunk.to(device), generator=generator).cpu() for chunk in labels.split(500)])
+    else:
+        samples = torch.cat([model.sample(len(chunk), generator=generator).cpu()
+                             for chunk in torch.arange(args.samples).split(500)])
+    if kind == "few-shot":
+        def generate(support_x, n, generator):
+            return model.generate(support_x, n, generator=generator)
+    elif hasattr(model, "encode") and hasattr(model, "decode") and kind == "unconditional":
+        def generate(support_x, n, generator):  # prototype-latent sampling
+            return vae.prototype_latent_generate(model, support_x, n, generator)
+    generate_name = {"few-shot": "generate", "unconditional": "prototype-latent sampling"}.get(kind)
+    dataset = load(args.dataset, args.split, root=args.root) if generate is not None else None
+    report = metrics.generative_report(
+        samples=samples, labels=labels, generate=generate, dataset=dataset, way=args.way,
+        shots=(1, 5) if args.shot is None else (args.shot,), n_samples=args.gen_samples,
+        episodes=100 if args.episodes is None else args.episodes, seed=args.seed, progress=not args.json)
+    report = {"checkpoint": str(args.checkpoint), "model": model.name, "kind": kind,
+              "few_shot_method": generate_name if generate is not None else None, **report}
+    if generate is not None and args.baselines:
+        report["baselines"] = few_shot_baselines(model, dataset, args)
+    if args.nll_k and hasattr(model, "log_likelihood"):
+        report["nll"] = estimate_nll(model, load(args.dataset, args.split, root=args.root), args.nll_k,
+                                 args.nll_images, args.seed, device)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report) if args.json else format_generative(report))
+    return 0
+
+
+def few_shot_baselines(model, dataset, args) -> list[dict]:
+    """Few-shot generation baselines on the same episodes as the model (``--baselines``):
+    ``augment_shots``, the shots under classic augmentation (:func:`fsl_course.augment.augment_shots`),
+    and ``random_samples``, the model's own unconditional samples, which ignore the shots."""
+    from fsl_course import augment, metrics
+
+    def random_samples(support_x, n, generator):
+        return model.sample(n, generator=generator)
+
+    kwargs = dict(way=args.way, n_samples=args.gen_samples, seed=args.seed, progress=not args.json,
+                  episodes=100 if args.episodes is None else args.episodes)
+    return [{"shot": k, **{fn.__name__: metrics.few_shot_generation_scores(fn, dataset, shot=k, **kwargs).to_dict()
+                           for fn in (augment.augment_shots, random_samples)}}
+            for k in ((1, 5) if args.shot is None else (args.shot,))]
+
+
+def estimate_nll(model, dataset, k: int, n_images: int, seed: int, device) -> dict:
+    """``-L_k`` (:func:`fsl_course.vae.iwae_bound`) in nats, mean and 95% CI over the first ``n_images``
+    of a seeded random order of ``dataset``'s images, binarised once with the same seed."""
+    from einops import rearrange
+
+    from fsl_course import vae
+
+    images = rearrange(dataset.images, "c n ch h w -> (c n) ch h w")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = images[torch.randperm(len(images), generator=generator)[:n_images]]
+    x = vae.binarize(chosen, generator).to(device)
+    bounds = torch.cat([vae.iwae_bound(model, batch, k, generator=generator).cpu() for batch in x.split(50)])
+    mean, ci = mean_ci95(-bounds.double().numpy())
+    return {"nll": mean, "ci95": ci, "k": k, "images": len(x), "split": dataset.split, "binarisation_seed": seed}
+
+
+def format_generative(report: dict) -> str:
+    """The report of :func:`run_generative` as a few readable lines."""
+    lines = [f"{report['checkpoint']}: {report['model']} ({report['kind']})"]
+    if "frechet" in report:
+        fd = report["frechet"]
+        lines.append(f"  Fréchet distance {fd['fd']:.2f} ({fd['n_samples']} samples; real held-out images: "
+                     f"{fd['fd_real']:.2f}) in the glyph feature net's space")
+    if "conditional" in report:
+        c = report["conditional"]
+        lines.append(f"  class-conditional accuracy {100 * c['accuracy']:.1f} % (real images: {100 * c['real_accuracy']:.1f} %)")
+    for entry in report.get("few_shot", []):
+        for who in ("method", "real"):
+            s = entry[who]
+            name = report["few_shot_method"] if who == "method" else "real images"
+            lines.append(f"  {s['way']}-way {entry['shot']}-shot, {name}: fidelity "
+                         f"{100 * s['fidelity']:.1f} ± {100 * s['fidelity_ci95']:.1f} %, diversity "
+                         f"{s['diversity']:.2f} ± {s['diversity_ci95']:.2f}, novelty {s['novelty']:.2f} ± {s['novelty_ci95']:.2f}")
+    for entry in report.get("baselines", []):
+        for name in ("augment_shots", "random_samples"):
+            s = entry[name]
+            lines.append(f"  {s['way']}-way {entry['shot']}-shot, {name}: fidelity {100 * s['fidelity']:.1f} ± "
+                         f"{100 * s['fidelity_ci95']:.1f} %, diversity {s['diversity']:.2f} ± {s['diversity_ci95']:.2f}, "
+                         f"novelty {s['novelty']:.2f} ± {s['novelty_ci95']:.2f}")
+    if "nll" in report:
+        n = report["nll"]
+        lines.append(f"  test NLL (IWAE, k = {n['k']}) {n['nll']:.2f} ± {n['ci95']:.2f} nats on {n['images']} binarised images")
+    lines.append(f"  ({report['seconds']:.0f} s)")
+    return "\n".join(lines)

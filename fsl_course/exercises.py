@@ -10,6 +10,11 @@ A solution notebook carries nbgrader (schema v3) metadata on its exercise cells:
   ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS``, hidden ones that the exercise
   does not contain (``fsl-course grade`` runs them).
 
+Hidden tests may compare with the package's reference implementation of a graded function, but
+only in top-level statements of the test cell: while grading, a call from any function defined
+in a notebook cell (a comprehension or a lambda is one) raises ``ImportError`` (see
+:mod:`fsl_course.grading`), so write ``expected = reference(x)`` on its own line first.
+
 ``build`` writes the exercises, ``check`` reports any that are missing, extra or stale, and
 ``validate`` explains what is wrong with a malformed source notebook.
 """

@@ -82,3 +82,53 @@ def test_wrong_logit_shape_is_a_clear_error(digits):
 
     with pytest.raises(ValueError, match=r"predict returned logits of shape \(75, 3\), expected \(75, 5\)"):
         evaluate(Bad(), digits, way=5, shot=1, episodes=2, progress=False)
+
+
+# --------------------------------------------------------------------------- fsl-course eval on generative checkpoints
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory):
+    from fsl_course.generative import save_model
+    from fsl_course.vae import ConvVAE, train_vae
+
+    torch.manual_seed(0)
+    model = ConvVAE(latent_dim=4, hidden=8)
+    train_vae(model, load("glyphs", "train"), steps=3, batch_size=8, lr=1e-3, device="cpu", progress=False)
+    return save_model(model, tmp_path_factory.mktemp("eval") / "vae.pt", command="test", seed=0, budget="smoke")
+
+
+def eval_json(capsys, *argv) -> dict:
+    import argparse
+    import json
+
+    from fsl_course import evaluation
+
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    assert evaluation.run(parser.parse_args([*map(str, argv), "--json", "--device", "cpu"])) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_of_a_vae_reports_frechet_few_shot_scores_and_nll(vae_checkpoint, capsys):
+    report = eval_json(capsys, vae_checkpoint, "--samples", 40, "--episodes", 2, "--gen-samples", 4,
+                       "--nll-k", 3, "--nll-images", 6, "--baselines")
+    assert (report["model"], report["kind"], report["few_shot_method"]) == ("vae", "unconditional", "prototype-latent sampling")
+    assert report["frechet"]["n_samples"] == 40 and report["frechet"]["fd"] > report["frechet"]["fd_real"] >= 0
+    assert [entry["shot"] for entry in report["few_shot"]] == [1, 5]
+    assert all(entry["method"]["episodes"] == 2 and entry["real"]["episodes"] == 2 for entry in report["few_shot"])
+    assert report["nll"]["k"] == 3 and report["nll"]["images"] == 6 and report["nll"]["nll"] > 0
+    assert "conditional" not in report
+    for entry, baseline in zip(report["few_shot"], report["baselines"], strict=True):
+        assert baseline["shot"] == entry["shot"] and baseline["augment_shots"]["episodes"] == 2
+        assert baseline["random_samples"]["generate"] == "random_samples"
+
+
+def test_eval_nll_is_deterministic_and_decreases_with_k(vae_checkpoint):
+    from fsl_course.evaluation import estimate_nll
+    from fsl_course.generative import load_model
+
+    model, test = load_model(vae_checkpoint, device="cpu"), load("glyphs", "test")
+    first, again = estimate_nll(model, test, 4, 8, 0, "cpu"), estimate_nll(model, test, 4, 8, 0, "cpu")
+    assert first == again
+    assert estimate_nll(model, test, 64, 8, 0, "cpu")["nll"] < estimate_nll(model, test, 1, 8, 0, "cpu")["nll"]

@@ -1,0 +1,238 @@
+"""Generative models: the registry, checkpoints, ``fsl-course train vae|cvae|set-vae`` and
+``fsl-course sample``."""
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fsl_course import CheckpointError, load_checkpoint, save_checkpoint
+from fsl_course import train as train_module
+from fsl_course.cli import main
+from fsl_course.generative import GENERATORS, GenerativeModel, load_model, model_kind, register_model, save_model
+from fsl_course.meta import PixelPrototype, save_learner
+from fsl_course.sample import load_support_images
+from fsl_course.vae import ConditionalVAE, ConvVAE, SetVAE
+
+SMALL = {"vae": lambda: ConvVAE(latent_dim=3, hidden=4), "cvae": lambda: ConditionalVAE(5, latent_dim=3, hidden=4),
+         "set-vae": lambda: SetVAE(latent_dim=3, context_dim=2, hidden=4)}
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def draw(model, seed=0):
+    """What the model generates, whatever its kind, for a fixed seed."""
+    kind = model_kind(model)
+    if kind == "unconditional":
+        return model.sample(4, generator=gen(seed))
+    if kind == "conditional":
+        return model.sample(torch.tensor([0, 4, 2]), generator=gen(seed))
+    return model.generate(torch.rand(3, 1, 28, 28, generator=gen(99)), 4, generator=gen(seed))
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    """Replace the dataset loader by a tiny random dense dataset; record the calls."""
+    calls = []
+
+    def load(name, split, root=None, *, rotations=False):
+        calls.append((name, split, root, rotations))
+        images = torch.rand(6, 4, 1, 28, 28, generator=gen(0))
+        names = [f"A/{c}" for c in "abcdef"]
+        return SimpleNamespace(images=images, n_classes=6, n_per_class=4, name=name, split=split, class_names=names)
+
+    monkeypatch.setattr(train_module.data, "load", load)
+    return calls
+
+
+# --------------------------------------------------------------------------- registry and checkpoints
+
+
+def test_the_vae_models_are_registered_with_their_kinds():
+    assert {"vae": ConvVAE, "cvae": ConditionalVAE, "set-vae": SetVAE}.items() <= GENERATORS.items()
+    kinds = {name: model_kind(make()) for name, make in SMALL.items()}
+    assert kinds == {"vae": "unconditional", "cvae": "conditional", "set-vae": "few-shot"}
+    assert ConditionalVAE(7, hidden=4).config == {"model": "cvae", "kwargs": {"n_classes": 7, "latent_dim": 16, "hidden": 4}}
+    with pytest.raises(TypeError, match="not a generative model"):
+        model_kind(PixelPrototype())
+
+
+def test_register_model_refuses_non_models_and_name_clashes():
+    with pytest.raises(TypeError, match="decorates GenerativeModel subclasses"):
+        register_model("x")(PixelPrototype)
+    with pytest.raises(ValueError, match="'vae' is already registered"):
+        register_model("vae")(type("Other", (GenerativeModel,), {}))
+    with pytest.raises(TypeError, match="JSON-able"):
+        ConvVAE(latent_dim=torch.tensor(3))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_save_and_load_round_trip_gives_the_same_model(name, tmp_path):
+    torch.manual_seed(0)
+    model = SMALL[name]().eval()
+    path = save_model(model, tmp_path / f"{name}.pt", seed=3, budget="smoke")
+    loaded = load_model(path, device="cpu")
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded.training_info == {"seed": 3, "budget": "smoke"}
+    assert torch.equal(draw(loaded), draw(model))
+    assert not torch.equal(draw(loaded, seed=1), draw(model))
+
+
+def test_load_model_explains_what_is_wrong(tmp_path):
+    learner = save_learner(PixelPrototype(), tmp_path / "learner.pt")
+    with pytest.raises(ValueError, match=r"few-shot learner checkpoint \(learner 'pixel-prototype'\).*fsl-course eval"):
+        load_model(learner)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable fsl-course checkpoint"):
+        load_model(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_model(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "other.pt", {}, {"something": 1})
+    with pytest.raises(ValueError, match="not of a generative model"):
+        load_model(tmp_path / "other.pt")
+    save_checkpoint(tmp_path / "gan.pt", {}, {"model": "stylegan9", "kwargs": {}})
+    with pytest.raises(ValueError, match=r"'stylegan9'.*known models: .*cvae, set-vae, vae"):
+        load_model(tmp_path / "gan.pt")
+    state, config = load_checkpoint(save_model(ConvVAE(latent_dim=3, hidden=4), tmp_path / "v.pt"))
+    save_checkpoint(tmp_path / "mismatch.pt", state, {**config, "kwargs": {"latent_dim": 5, "hidden": 4}})
+    with pytest.raises(ValueError, match="saved weights do not fit model 'vae'"):
+        load_model(tmp_path / "mismatch.pt")
+
+
+def test_save_model_refuses_clashing_keys_and_unregistered_models(tmp_path):
+    with pytest.raises(ValueError, match=r"keys \['kwargs'\] clash"):
+        save_model(ConvVAE(hidden=4), tmp_path / "a.pt", kwargs={})
+    with pytest.raises(TypeError, match="expects a GenerativeModel"):
+        save_model(PixelPrototype(), tmp_path / "a.pt")
+
+
+# --------------------------------------------------------------------------- fsl-course train
+
+
+@pytest.mark.parametrize("method, rotations", [("vae", True), ("cvae", False), ("set-vae", True)])
+def test_train_saves_a_loadable_generative_checkpoint(method, rotations, tiny_data, tmp_path, capsys):
+    out = tmp_path / f"{method}.pt"
+    assert main(["train", method, "--budget", "smoke", "--out", str(out), "--seed", "2"]) == 0
+    assert tiny_data == [("glyphs", "train", None, rotations)]  # cvae: labels are the plain classes
+    printed = capsys.readouterr().out
+    assert f"saved {out}" in printed and f"fsl-course sample {out} --n 64 --out grid.png" in printed
+    assert "fsl-course eval" not in printed
+
+    model = load_model(out, device="cpu")
+    assert model.name == method
+    info = model.training_info
+    assert info["command"] == f"fsl-course train {method} --dataset glyphs --budget smoke --out {out} --seed 2"
+    assert (info["seed"], info["budget"], info["rotations"]) == (2, "smoke", rotations)
+    training = info["training"]
+    assert training["steps"] == 4 and training["binarization"] == "dynamic" and 0 < training["final_loss"] < 1000
+    if method == "cvae":
+        assert model.n_classes == 6 and training["class_names"][5] == "A/f"
+    assert draw(model).shape[1:] == (1, 28, 28)
+
+
+def test_the_same_seed_gives_the_same_generative_checkpoint(tiny_data, tmp_path):
+    states = []
+    for name in ("a.pt", "b.pt"):
+        assert main(["train", "set-vae", "--budget", "smoke", "--out", str(tmp_path / name), "--seed", "4"]) == 0
+        states.append(load_checkpoint(tmp_path / name)[0])
+    assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
+
+
+# --------------------------------------------------------------------------- fsl-course sample
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    torch.manual_seed(0)
+    return {name: save_model(make().eval(), tmp_path / f"{name}.pt", dataset="digits") for name, make in SMALL.items()}
+
+
+def png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_sample_writes_a_seeded_grid(checkpoints, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(checkpoints["vae"]), "--n", "10", "--out", str(out), "--scale", "1", "--device", "cpu"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    grid = png(out)
+    assert grid.shape == (2 * 29 + 1, 8 * 29 + 1) and grid.dtype == np.uint8  # 10 samples in rows of 8
+    again = tmp_path / "again.png"
+    assert main(["sample", str(checkpoints["vae"]), "--n", "10", "--out", str(again), "--scale", "1", "--device", "cpu"]) == 0
+    assert np.array_equal(png(again), grid)
+    assert main(["sample", str(checkpoints["vae"]), "--n", "10", "--out", str(again), "--scale", "1", "--seed", "1", "--device", "cpu"]) == 0
+    assert not np.array_equal(png(again), grid)
+
+
+def test_sample_conditional_puts_one_class_per_column(checkpoints, tmp_path, capsys):
+    out = tmp_path / "c.png"
+    argv = ["sample", str(checkpoints["cvae"]), "--n", "6", "--labels", "4,1", "--out", str(out), "--scale", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "one column per class: 4, 1" in capsys.readouterr().out
+    assert png(out).shape == (3 * 29 + 1, 2 * 29 + 1)
+
+
+def test_sample_few_shot_from_files_and_from_a_dataset(checkpoints, tmp_path, capsys):
+    folder = tmp_path / "support"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40), 255, np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "f.png"
+    argv = ["sample", str(checkpoints["set-vae"]), "--n", "8", "--out", str(out), "--scale", "1", "--device", "cpu"]
+    assert main([*argv, "--support", str(folder)]) == 0
+    assert "3 support image(s)" in capsys.readouterr().out
+    assert png(out).shape == (29 + 1 + 6 + 29 + 1, 8 * 29 + 1)  # the support row, a gap, the samples
+    assert main([*argv, "--split", "test", "--class-index", "2", "--shot", "1"]) == 0  # digits, from the checkpoint
+    assert "1 support image(s) of digits/test class 2" in capsys.readouterr().out
+
+
+def test_support_images_are_inverted_when_the_background_is_light(tmp_path):
+    light = np.full((56, 56), 255, np.uint8)
+    light[20:36, 26:30] = 0  # a dark stroke on white paper
+    Image.fromarray(light).save(tmp_path / "light.png")
+    Image.fromarray(255 - light).save(tmp_path / "dark.png")
+    images = load_support_images([tmp_path / "light.png", tmp_path / "dark.png"])
+    assert images.shape == (2, 1, 28, 28) and images.dtype == torch.float32
+    torch.testing.assert_close(images[0], images[1])  # both end up ink = 1 on 0
+    assert images[0, 0, 14, 14] > 0.9 and images[0, 0, 0, 0] < 0.01
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "0"], r"--labels: not used by .*vae.pt, which holds an unconditional model \('vae'\)"),
+        (["--support", "nowhere", "--shot", "2"], "--support --shot: not used by"),
+    ],
+)
+def test_sample_refuses_options_that_do_not_apply(extra, message, checkpoints, tmp_path, capsys):
+    assert main(["sample", str(checkpoints["vae"]), "--out", str(tmp_path / "x.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fsl-course sample: error:") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_sample_errors_are_one_line_with_exit_status_2(checkpoints, tmp_path, capsys):
+    learner = save_learner(PixelPrototype(), tmp_path / "learner.pt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(tmp_path / "missing.pt")], "no checkpoint at"),
+        ([str(learner)], "few-shot learner checkpoint"),
+        ([str(checkpoints["set-vae"]), "--support", str(empty)], "has no image files"),
+        ([str(checkpoints["set-vae"]), "--support", str(tmp_path / "nope.png")], "no support image or folder"),
+        ([str(checkpoints["set-vae"]), "--support", str(learner)], "cannot read support image"),
+        ([str(checkpoints["cvae"]), "--labels", "0,9"], r"class indices in 0..4"),
+        ([str(checkpoints["cvae"]), "--labels", "a,b"], "comma-separated"),
+        ([str(checkpoints["set-vae"]), "--split", "test", "--class-index", "99"], "--class-index must be in"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "never.png"
+        assert main(["sample", *argv, "--out", str(out), "--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err), (argv, err)
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
