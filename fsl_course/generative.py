@@ -23,19 +23,15 @@ the two kinds are never confused.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fsl_course.checkpoint import load_checkpoint, save_checkpoint
+from fsl_course.checkpoint import Rebuildable, Registry, load_checkpoint
 from fsl_course.runtime import device as default_device
-
-#: model name -> model class; filled by :func:`register_model`.
-GENERATORS: dict[str, type[GenerativeModel]] = {}
 
 #: modules whose import registers models; :func:`load_model` imports them first, so that a
 #: checkpoint loads without the caller importing the module that defines its class.
@@ -44,29 +40,8 @@ MODEL_MODULES: list[str] = ["fsl_course.vae"]
 #: what a model can do, in the order :func:`model_kind` checks it
 KINDS = ("few-shot", "conditional", "unconditional")
 
-M = TypeVar("M", bound="type[GenerativeModel]")
 
-
-def register_model(name: str) -> Callable[[M], M]:
-    """Class decorator: make a :class:`GenerativeModel` loadable by ``name``.
-
-    >>> @register_model("my-vae")                     # doctest: +SKIP
-    ... class MyVAE(GenerativeModel): ...
-    """
-
-    def decorator(cls: M) -> M:
-        if not (isinstance(cls, type) and issubclass(cls, GenerativeModel)):
-            raise TypeError(f"register_model({name!r}) decorates GenerativeModel subclasses, got {cls!r}")
-        if name in GENERATORS and GENERATORS[name] is not cls:
-            raise ValueError(f"a generative model named {name!r} is already registered ({GENERATORS[name].__qualname__})")
-        cls.name = name
-        GENERATORS[name] = cls
-        return cls
-
-    return decorator
-
-
-class GenerativeModel(nn.Module):
+class GenerativeModel(Rebuildable):
     """Base class of the registered generative models.
 
     Subclasses pass their constructor arguments to ``super().__init__(**kwargs)``; they
@@ -74,23 +49,7 @@ class GenerativeModel(nn.Module):
     its methods (see the module docstring and :func:`model_kind`).
     """
 
-    name: ClassVar[str] = ""  # set by register_model
-
-    def __init__(self, **kwargs: Any):
-        super().__init__()
-        if kwargs and type(self).__init__ is GenerativeModel.__init__:
-            raise TypeError(f"{type(self).__name__} takes no arguments, got {sorted(kwargs)}")
-        try:
-            json.dumps(kwargs)
-        except TypeError as err:
-            raise TypeError(f"{type(self).__name__} arguments must be JSON-able to be saved: {err}") from None
-        self._kwargs = dict(kwargs)
-        self.training_info: dict[str, Any] = {}  # how it was trained; filled in by load_model
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """``{"model": name, "kwargs": constructor arguments}``: enough to rebuild the model."""
-        return {"model": self.name, "kwargs": dict(self._kwargs)}
+    config_key: ClassVar[str] = "model"
 
     @property
     def device(self) -> torch.device:
@@ -112,21 +71,21 @@ def model_kind(model: nn.Module) -> str:
     raise TypeError(f"{type(model).__name__} has neither sample(...) nor generate(...): it is not a generative model")
 
 
+#: model name -> model class; filled by :func:`register_model`.
+GENERATORS = Registry(GenerativeModel, "generative model")
+
+#: Class decorator: make a :class:`GenerativeModel` loadable by ``name``, e.g.
+#: ``@register_model("my-vae") class MyVAE(GenerativeModel): ...``
+register_model = GENERATORS.register
+
+
 def save_model(model: GenerativeModel, path: str | os.PathLike, **extra_config: Any) -> Path:
     """Write ``model``'s ``state_dict`` and config to ``path`` (atomically).
 
     ``extra_config`` records how it was trained (``command``, ``seed``, ``budget``,
     ``dataset``, ...); :func:`load_model` gives it back as ``model.training_info``.
     """
-    if not isinstance(model, GenerativeModel):
-        raise TypeError(f"save_model expects a GenerativeModel, got {type(model).__name__}")
-    if not model.name or GENERATORS.get(model.name) is not type(model):
-        raise ValueError(f"{type(model).__name__} is not registered with @register_model, so it could not be loaded")
-    config = model.config
-    clash = sorted(set(extra_config) & set(config))
-    if clash:
-        raise ValueError(f"extra config keys {clash} clash with the model's own config keys {sorted(config)}")
-    return save_checkpoint(path, model.state_dict(), {**config, **extra_config})
+    return GENERATORS.save(model, path, **extra_config)
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None) -> GenerativeModel:
@@ -146,23 +105,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         raise ValueError(f"{path} is an fsl-course checkpoint but not of a generative model (its config has no 'model' entry)")
     for module in MODEL_MODULES:
         importlib.import_module(module)
-    name = config["model"]
-    if name not in GENERATORS:
-        raise ValueError(
-            f"{path} holds a generative model named {name!r}, which this version of fsl_course does not know; "
-            f"known models: {', '.join(sorted(GENERATORS))}"
-        )
-    kwargs = config.get("kwargs", {})
-    try:
-        model = GENERATORS[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"{path}: cannot rebuild model {name!r} from its saved arguments {kwargs}: {err}") from None
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: the saved weights do not fit model {name!r}{kwargs}: {err}") from None
-    model.training_info = {k: v for k, v in config.items() if k not in ("model", "kwargs")}
-    return model.to(default_device() if device is None else torch.device(device)).eval()
+    model = GENERATORS.rebuild(path, state_dict, config)
+    return model.to(default_device() if device is None else torch.device(device))
 
 
 __all__ = ["GENERATORS", "KINDS", "MODEL_MODULES", "GenerativeModel", "load_model", "model_kind", "register_model", "save_model"]

@@ -68,6 +68,7 @@ import argparse
 import ast
 import copy
 import csv
+import functools
 import json
 import os
 import queue
@@ -467,9 +468,11 @@ def paths_to_hide(paths: list[str | Path]) -> list[str]:
     return sorted({str(path) for path in hidden})
 
 
+@functools.cache
 def prepare_caches() -> None:
     """Build, in this process, the dataset caches that exercise notebooks read: the sandboxed
-    kernel sees the cache read-only (a submission must not change what the next one reads)."""
+    kernel sees the cache read-only (a submission must not change what the next one reads).
+    Once per process: a batch checks them once, not once per submission."""
     from fsl_course import data
 
     for split in ("train", "val", "test"):

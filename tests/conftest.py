@@ -154,3 +154,13 @@ class NotebookPolicy:
             flag = "  OVER LIMIT" if path in self.over_limit else ""
             terminalreporter.write_line(f"{seconds:7.1f} s  {_display(path)}{flag}")
         terminalreporter.write_line(f"{sum(self.elapsed.values()):7.1f} s  total")
+
+
+@pytest.fixture(scope="session")
+def sandboxed():
+    """Skips a test where fsl_course.sandbox cannot isolate a process (no user namespaces)."""
+    from fsl_course import sandbox
+
+    status = sandbox.probe()
+    if status != "sandboxed":
+        pytest.skip(f"no sandbox on this machine ({status})")

@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fsl_course import exercises, grading, sandbox
+from fsl_course import exercises, grading
 
 TINY = Path(__file__).parent / "fixtures" / "notebooks" / "01_tiny.ipynb"
 MEAN_OK = "def mean(xs):\n    return sum(xs) / len(xs)"
@@ -337,13 +337,6 @@ def test_spawned_processes_are_killed(adversarial):
     alive = [p for p in psutil.process_iter(["cmdline", "status"])
              if marker in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert alive == []
-
-
-@pytest.fixture(scope="module")
-def sandboxed():
-    status = sandbox.probe()
-    if status != "sandboxed":
-        pytest.skip(f"no sandbox on this machine ({status})")
 
 
 def test_the_solution_notebook_is_hidden_from_the_kernel(adversarial, sandboxed):

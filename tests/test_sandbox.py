@@ -49,14 +49,7 @@ def run_inside(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def available():
-    status = sandbox.probe()
-    if status != "sandboxed":
-        pytest.skip(f"no sandbox on this machine ({status})")
-
-
-def test_inside_the_sandbox(tmp_path, available):
+def test_inside_the_sandbox(tmp_path, sandboxed):
     done = run_inside(tmp_path, {"sandbox": True})
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
@@ -77,7 +70,7 @@ def test_without_the_sandbox_only_the_limits_apply(tmp_path):
     assert seen["hidden_file"] == "secret" and seen["outside"] == "written"
 
 
-def test_exit_status_is_passed_on(tmp_path, available):
+def test_exit_status_is_passed_on(tmp_path, sandboxed):
     config = {"sandbox": {"writable": str(tmp_path), "hide": []}}
     done = subprocess.run([sys.executable, "-m", "fsl_course.sandbox", json.dumps(config), sys.executable, "-c",
                            "import sys; sys.exit(7)"], timeout=60)

@@ -13,43 +13,17 @@ writes and :func:`load_learner` reads.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from fsl_course.checkpoint import load_checkpoint, save_checkpoint
+from fsl_course.checkpoint import Rebuildable, Registry, load_checkpoint
 from fsl_course.runtime import device as default_device
 
-#: learner name -> learner class; filled by :func:`register_learner`.
-LEARNERS: dict[str, type[FewShotLearner]] = {}
 
-L = TypeVar("L", bound="type[FewShotLearner]")
-
-
-def register_learner(name: str) -> Callable[[L], L]:
-    """Class decorator: make a :class:`FewShotLearner` loadable by ``name``.
-
-    >>> @register_learner("my-learner")               # doctest: +SKIP
-    ... class MyLearner(FewShotLearner): ...
-    """
-
-    def decorator(cls: L) -> L:
-        if not (isinstance(cls, type) and issubclass(cls, FewShotLearner)):
-            raise TypeError(f"register_learner({name!r}) decorates FewShotLearner subclasses, got {cls!r}")
-        if name in LEARNERS and LEARNERS[name] is not cls:
-            raise ValueError(f"a learner named {name!r} is already registered ({LEARNERS[name].__qualname__})")
-        cls.name = name
-        LEARNERS[name] = cls
-        return cls
-
-    return decorator
-
-
-class FewShotLearner(nn.Module):
+class FewShotLearner(Rebuildable):
     """Base class of every few-shot learner.
 
     Subclasses pass their constructor arguments to ``super().__init__(**kwargs)`` (they
@@ -57,23 +31,7 @@ class FewShotLearner(nn.Module):
     Users call :meth:`predict`, which validates the episode first.
     """
 
-    name: ClassVar[str] = ""  # set by register_learner
-
-    def __init__(self, **kwargs: Any):
-        super().__init__()
-        if kwargs and type(self).__init__ is FewShotLearner.__init__:
-            raise TypeError(f"{type(self).__name__} takes no arguments, got {sorted(kwargs)}")
-        try:
-            json.dumps(kwargs)
-        except TypeError as err:
-            raise TypeError(f"{type(self).__name__} arguments must be JSON-able to be saved: {err}") from None
-        self._kwargs = dict(kwargs)
-        self.training_info: dict[str, Any] = {}  # how it was trained; filled in by load_learner
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """``{"learner": name, "kwargs": constructor arguments}``: enough to rebuild the learner."""
-        return {"learner": self.name, "kwargs": dict(self._kwargs)}
+    config_key: ClassVar[str] = "learner"
 
     def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         """Logits for the queries of one episode.
@@ -145,21 +103,21 @@ def validate_episode(support_x: torch.Tensor, support_y: torch.Tensor, query_x: 
     return n_way
 
 
+#: learner name -> learner class; filled by :func:`register_learner`.
+LEARNERS = Registry(FewShotLearner, "learner")
+
+#: Class decorator: make a :class:`FewShotLearner` loadable by ``name``, e.g.
+#: ``@register_learner("my-learner") class MyLearner(FewShotLearner): ...``
+register_learner = LEARNERS.register
+
+
 def save_learner(learner: FewShotLearner, path: str | os.PathLike, **extra_config: Any) -> Path:
     """Write ``learner``'s ``state_dict`` and config to ``path`` (atomically).
 
     ``extra_config`` records how it was trained (``command``, ``seed``, ``budget``,
     ``dataset``, ...); :func:`load_learner` gives it back as ``learner.training_info``.
     """
-    if not isinstance(learner, FewShotLearner):
-        raise TypeError(f"save_learner expects a FewShotLearner, got {type(learner).__name__}")
-    if not learner.name or LEARNERS.get(learner.name) is not type(learner):
-        raise ValueError(f"{type(learner).__name__} is not registered with @register_learner, so it could not be loaded")
-    config = learner.config
-    clash = sorted(set(extra_config) & set(config))
-    if clash:
-        raise ValueError(f"extra config keys {clash} clash with the learner's own config keys {sorted(config)}")
-    return save_checkpoint(path, learner.state_dict(), {**config, **extra_config})
+    return LEARNERS.save(learner, path, **extra_config)
 
 
 def load_learner(path: str | os.PathLike, device: torch.device | str | None = None) -> FewShotLearner:
@@ -169,21 +127,5 @@ def load_learner(path: str | os.PathLike, device: torch.device | str | None = No
     Raises ``ValueError`` for an unreadable file, an unknown learner name, or a
     ``state_dict`` that does not fit the rebuilt learner.
     """
-    state_dict, config = load_checkpoint(path)
-    name = config.get("learner")
-    if name not in LEARNERS:
-        raise ValueError(
-            f"{path} holds a learner named {name!r}, which this version of fsl_course does not know; "
-            f"known learners: {', '.join(sorted(LEARNERS))}"
-        )
-    kwargs = config.get("kwargs", {})
-    try:
-        learner = LEARNERS[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"{path}: cannot rebuild learner {name!r} from its saved arguments {kwargs}: {err}") from None
-    try:
-        learner.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: the saved weights do not fit learner {name!r}{kwargs}: {err}") from None
-    learner.training_info = {k: v for k, v in config.items() if k not in ("learner", "kwargs")}
-    return learner.to(default_device() if device is None else torch.device(device)).eval()
+    learner = LEARNERS.rebuild(path, *load_checkpoint(path))
+    return learner.to(default_device() if device is None else torch.device(device))
