@@ -58,6 +58,60 @@ class GenerativeModel(Rebuildable):
         return torch.device("cpu") if parameter is None else parameter.device
 
 
+# --------------------------------------------------------------------------- input checks and noise
+# shared by the generative modules (vae, gan, ...): clear errors instead of stack traces from inside torch
+
+IMAGE_SHAPE = (1, 28, 28)
+
+
+def check_tensor(name: str, value, *, floating: bool = True, min_ndim: int = 1) -> None:
+    """Raise a clear error unless ``value`` is a tensor (floating if asked) with at least ``min_ndim`` dims."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.ndim < min_ndim:
+        raise ValueError(f"{name} must have a batch dimension (at least {min_ndim} dims), got shape {tuple(value.shape)}")
+
+
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    """Floating tensors with a batch dimension and one common shape."""
+    for name, value in tensors.items():
+        check_tensor(name, value)
+    shapes = {name: tuple(value.shape) for name, value in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("shapes must match: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))
+
+
+def check_count(name: str, n) -> int:
+    """``n`` if it is a positive int, else a clear ``ValueError``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
+    return n
+
+
+def check_labels(y, n_classes: int, batch: int | None = None, name: str = "y") -> None:
+    """Raise a clear error unless ``y`` is a 1-D int64 tensor of ``batch`` labels in ``0..n_classes - 1``."""
+    check_tensor(name, y, floating=False)
+    if y.dtype != torch.int64 or y.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D int64 (torch.long) tensor of class labels, got dtype {y.dtype}, shape {tuple(y.shape)}")
+    if batch is not None and len(y) != batch:
+        raise ValueError(f"{name} has {len(y)} labels for {batch} images")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{name} must be class labels in 0..{n_classes - 1}, got values in [{y.min().item()}, {y.max().item()}]")
+
+
+def standard_normal(shape, *, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``eps ~ N(0, I)`` of ``shape`` with ``like``'s dtype and device.
+
+    With a ``generator`` the numbers are drawn on the generator's device (a CPU generator:
+    the CPU) and moved, so the same seed gives the same noise on CPU and GPU.
+    """
+    if generator is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
 def model_kind(model: nn.Module) -> str:
     """``"few-shot"`` (has ``generate(support_x, n)``), ``"conditional"`` (has ``n_classes``
     and ``sample(labels)``) or ``"unconditional"`` (has ``sample(n)``), checked in that order."""

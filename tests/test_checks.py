@@ -97,7 +97,22 @@ def ci_returning_tensors(accuracies):
     return torch.tensor(mean, dtype=torch.float64), torch.tensor(h, dtype=torch.float64)
 
 
+# --------------------------------------------------------------------------- typical mistakes, exercise 03
+
+ex03 = importlib.import_module("fsl_course.checks.ex03")
+
+
+def cvae_loss_with_the_standard_normal_prior(model, x, y, generator=None):
+    """Lesson 02's KL(q || N(0, I)) where the CVAE's conditional prior p(z | y) belongs."""
+    mu, logvar = model.encode(x, y)
+    model.prior(y)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+    nll = torch.nn.functional.binary_cross_entropy_with_logits(model.decode(z, y), x, reduction="none").flatten(1).sum(1)
+    return (nll + 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(1)).mean()
+
+
 @pytest.mark.parametrize("check, wrong, message", [
+    (ex03.cvae_loss, cvae_loss_with_the_standard_normal_prior, "hint: the prior is (m, s) = model.prior(y), not N(0, I)"),
     (ex01.sample_episode, float_labels, "check 2 failed: labels must be int64. hint: torch.long"),
     (ex01.sample_episode, episode_with_repeated_classes, "check 4 failed: the N classes must be distinct"),
     (ex01.sample_episode, episode_with_global_seed, "hint: draw every random number from `generator`"),

@@ -96,8 +96,9 @@ def test_load_model_explains_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="not of a generative model"):
         load_model(tmp_path / "other.pt")
     save_checkpoint(tmp_path / "gan.pt", {}, {"model": "stylegan9", "kwargs": {}})
-    with pytest.raises(ValueError, match=r"'stylegan9'.*known models: .*cvae, set-vae, vae"):
+    with pytest.raises(ValueError, match=r"'stylegan9'.*known models: ") as unknown:
         load_model(tmp_path / "gan.pt")
+    assert {"cvae", "set-vae", "vae"} <= set(str(unknown.value).split("known models: ")[1].rstrip(".").split(", "))
     state, config = load_checkpoint(save_model(ConvVAE(latent_dim=3, hidden=4), tmp_path / "v.pt"))
     save_checkpoint(tmp_path / "mismatch.pt", state, {**config, "kwargs": {"latent_dim": 5, "hidden": 4}})
     with pytest.raises(ValueError, match="saved weights do not fit model 'vae'"):

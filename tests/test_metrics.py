@@ -254,6 +254,33 @@ def test_real_and_conditional_accuracy(net, glyph_train):
         conditional_accuracy(x, y[:-1], net)
 
 
+def test_feature_net_sees_through_binarisation_and_blur(net):
+    """Generated glyphs are blurred (VAE means) or speckled (Bernoulli samples): the net must still
+    recognise real images degraded that way, or every metric only measures texture."""
+    scores = metrics.robustness(net)
+    print("feature net held-out accuracy:", {k: round(v, 3) for k, v in scores.items()})
+    assert scores["clean"] == real_accuracy(net)
+    assert scores["binarized"] > 0.8 * scores["clean"] and scores["blurred"] > 0.8 * scores["clean"]
+
+
+def test_blur_and_degrade():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 10, 10] = 1.0
+    kernel = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16
+    torch.testing.assert_close(metrics.blur(x)[0, 0, 9:12, 9:12], kernel)
+    assert metrics.blur(x).sum().item() == pytest.approx(1.0)  # mass is kept away from the edges
+    flat = torch.full((1, 1, 28, 28), 0.3)
+    torch.testing.assert_close(metrics.blur(flat), flat)  # replicated edges: constants stay constant
+    images = torch.rand(4000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    never = replace(metrics.RECIPE, blur_prob=0.0, binarize_prob=0.0)
+    assert torch.equal(metrics.degrade(images, never, torch.Generator().manual_seed(1)), images)
+    both = metrics.degrade(images, replace(metrics.RECIPE, blur_prob=1.0, binarize_prob=1.0), torch.Generator())
+    assert set(both.unique().tolist()) == {0.0, 1.0}
+    some = metrics.degrade(images, metrics.RECIPE, torch.Generator().manual_seed(2))
+    binary = ((some == 0) | (some == 1)).flatten(1).all(1).float().mean().item()
+    assert abs(binary - metrics.RECIPE.binarize_prob) < 0.03  # a fraction of the images, not of the pixels
+
+
 def test_image_frechet_distance_separates_real_from_noise(net, glyph_test):
     flat = rearrange(glyph_test.images, "c n ch h w -> (c n) ch h w")
     order = torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))

@@ -282,6 +282,41 @@ def test_prototype_latent_sample_has_the_moment_matched_mean_and_variance():
 # --------------------------------------------------------------------------- models
 
 
+def test_cvae_loss_uses_the_conditional_prior():
+    """-ELBO = -log p(x | z, y) + KL(q(z | x, y) || p(z | y)), the KL checked against torch.distributions;
+    the prior table starts at N(0, I) and sample() draws z from p(z | y)."""
+    torch.manual_seed(0)
+    cvae = ConditionalVAE(n_classes=3, latent_dim=4, hidden=4).double()
+    x = binarize(torch.rand(5, 1, 28, 28, generator=gen(1), dtype=torch.float64), gen(2))
+    y = torch.tensor([0, 2, 1, 2, 0])
+    m, s = cvae.prior(y)
+    assert m.shape == s.shape == (5, 4) and not m.any() and not s.any()  # N(0, I) at initialisation
+    with torch.no_grad():
+        cvae.prior_embedding.weight.normal_(generator=gen(3))
+    mu, logvar = cvae.encode(x, y)
+    m, s = cvae.prior(y)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen(4), dtype=mu.dtype)
+    q, p = Normal(mu, torch.exp(0.5 * logvar)), Normal(m, torch.exp(0.5 * s))
+    expected = -(Bernoulli(logits=cvae.decode(z, y)).log_prob(x).sum((1, 2, 3)) - kl_divergence(q, p).sum(1)).mean()
+    torch.testing.assert_close(cvae_loss(cvae, x, y, gen(4)), expected, rtol=1e-12, atol=1e-9)
+    cvae_loss(cvae, x, y, gen(4)).backward()
+    assert cvae.prior_embedding.weight.grad[[0, 1, 2]].abs().sum(1).gt(0).all()  # every class in the batch learns its prior
+
+    seen = {}
+    decode = cvae.decode
+
+    def recording_decode(z, y):
+        seen["z"] = z
+        return decode(z, y)
+
+    cvae.decode = recording_decode
+    with torch.no_grad():
+        cvae.prior_embedding.weight.zero_()
+        cvae.prior_embedding.weight[1, :4] = 100.0  # m_1 = 100, s_1 = 0
+    cvae.sample(torch.tensor([1, 0, 1]), generator=gen(5))
+    assert (seen["z"][[0, 2]] - 100).abs().max() < 6 and seen["z"][1].abs().max() < 6
+
+
 def test_models_have_the_documented_shapes_and_losses():
     torch.manual_seed(0)
     x = binarize(torch.rand(6, 1, 28, 28, generator=gen(1)), gen(2))

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributions import Normal, kl_divergence
 
 from fsl_course import vae
 from fsl_course.checks import visible_check
@@ -19,15 +20,21 @@ class ToyCVAE(nn.Module):
     """A stand-in for :class:`fsl_course.vae.ConditionalVAE` that is simple enough to do by hand.
 
     ``encode(x, y)`` returns the rows ``y`` of the parameters ``mu`` and ``logvar`` (C, D): the
-    posterior depends on the label only. ``decode(z, y)`` returns the same logit for every pixel,
-    ``scale * sum_j z_j``, so with ``scale = 0`` every pixel has probability 1/2 and
-    ``-log p(x | z, y) = 784 log 2`` whatever ``x`` is. It records the labels it was called with.
+    posterior depends on the label only. ``prior(y)`` returns the rows ``y`` of ``prior_mu`` and
+    ``prior_logvar`` (default 0: ``p(z | y) = N(0, I)``). ``decode(z, y)`` returns the same logit
+    for every pixel, ``scale * sum_j z_j``, so with ``scale = 0`` every pixel has probability 1/2
+    and ``-log p(x | z, y) = 784 log 2`` whatever ``x`` is. It records the labels it was called with.
     """
 
-    def __init__(self, mu, logvar, scale: float = 0.0):
+    def __init__(self, mu, logvar, scale: float = 0.0, prior_mu=None, prior_logvar=None):
         super().__init__()
         self.mu = nn.Parameter(torch.as_tensor(mu, dtype=torch.float32).clone())
         self.logvar = nn.Parameter(torch.as_tensor(logvar, dtype=torch.float32).clone())
+        zeros = torch.zeros_like(self.mu)
+        self.prior_mu = nn.Parameter(zeros.clone() if prior_mu is None else torch.as_tensor(prior_mu, dtype=torch.float32).clone())
+        self.prior_logvar = nn.Parameter(
+            zeros.clone() if prior_logvar is None else torch.as_tensor(prior_logvar, dtype=torch.float32).clone()
+        )
         self.scale = scale
         self.latent_dim = self.mu.shape[1]
         self.seen = {}
@@ -35,6 +42,10 @@ class ToyCVAE(nn.Module):
     def encode(self, x, y):
         self.seen["encode"] = y
         return self.mu[y], self.logvar[y]
+
+    def prior(self, y):
+        self.seen["prior"] = y
+        return self.prior_mu[y], self.prior_logvar[y]
 
     def decode(self, z, y):
         self.seen["decode"] = y
@@ -95,34 +106,52 @@ def cvae_loss(cvae_loss, expect):
     expect(abs(loss - (expected + kl)) < 1e-2,
            f"with mu = 0 and logvar = log 2 the KL is 2 * 0.5 * (2 - 1 - log 2) = {kl:.4f}, so the loss is "
            f"{expected + kl:.4f}; got {loss:.4f}. hint: sigma^2 = exp(logvar), and log sigma^2 = logvar")
+    moved_prior = ToyCVAE(torch.zeros(2, 2), torch.zeros(2, 2), prior_mu=torch.ones(2, 2))
+    loss = cvae_loss(moved_prior, x, y, torch.Generator().manual_seed(0)).item()
+    expect(abs(loss - (expected + 1.0)) < 1e-2,
+           f"with q = N(0, I) and the prior p(z | y) = N((1, 1), I) the KL is 0.5 * (1 + 1) = 1, so the loss is "
+           f"{expected + 1:.2f}; got {loss:.2f}. hint: the prior is (m, s) = model.prior(y), not N(0, I); "
+           "KL = 0.5 * sum_d (s_d - logvar_d + (exp(logvar_d) + (mu_d - m_d)^2) / exp(s_d) - 1)")
+    wide_prior = ToyCVAE(torch.zeros(2, 2), torch.zeros(2, 2), prior_logvar=torch.full((2, 2), LOG_2))
+    loss = cvae_loss(wide_prior, x, y, torch.Generator().manual_seed(0)).item()
+    kl = 2 * 0.5 * (LOG_2 + 0.5 - 1)
+    expect(abs(loss - (expected + kl)) < 1e-2,
+           f"with q = N(0, I) and a prior of variance 2 per dimension the KL is 2 * 0.5 * (log 2 + 1/2 - 1) = {kl:.4f}, "
+           f"so the loss is {expected + kl:.4f}; got {loss:.4f}. hint: divide sigma_q^2 + (mu - m)^2 by the prior's "
+           "variance exp(s), and add its log-variance s")
     one = cvae_loss(shifted, x[:1], y[:1], torch.Generator().manual_seed(0)).item()
     expect(abs(one - (expected + 1.0)) < 1e-2,
            f"one image must give the same loss as three identical-cost images ({expected + 1:.2f}), got {one:.2f}. "
            "hint: average over the batch, do not sum")
-    expect(torch.equal(flat.seen.get("encode", torch.tensor([])), y) and torch.equal(flat.seen.get("decode", torch.tensor([])), y),
-           "call model.encode(x, y) and model.decode(z, y) with the labels y: both halves are conditioned on the class")
+    expect(all(torch.equal(flat.seen.get(part, torch.tensor([])), y) for part in ("encode", "prior", "decode")),
+           "call model.encode(x, y), model.prior(y) and model.decode(z, y) with the labels y: all three are conditioned on the class")
     mu, logvar = torch.tensor([[0.5, -1.0], [2.0, 0.0]]), torch.tensor([[0.3, -0.7], [0.0, 1.0]])
-    moving = ToyCVAE(mu, logvar, scale=0.8)
+    prior = {"prior_mu": torch.tensor([[0.2, -0.4], [1.0, 0.5]]), "prior_logvar": torch.tensor([[0.1, 0.0], [-0.5, 0.3]])}
+    moving = ToyCVAE(mu, logvar, scale=0.8, **prior)
     loss = cvae_loss(moving, x, y, torch.Generator().manual_seed(3))
     again = cvae_loss(moving, x, y, torch.Generator().manual_seed(3))
     expect(torch.allclose(loss.detach(), again.detach()),
            "the same generator seed must give the same loss. hint: draw eps from `generator`, not the global random state")
-    by_hand_model = ToyCVAE(mu, logvar, scale=0.8)
+    by_hand_model = ToyCVAE(mu, logvar, scale=0.8, **prior)
     m, lv = by_hand_model.mu[y], by_hand_model.logvar[y]
+    pm, plv = by_hand_model.prior_mu[y], by_hand_model.prior_logvar[y]
     z = m + torch.exp(0.5 * lv) * _noise((3, 2), 3, mu)
     logits = (0.8 * z.sum(1))[:, None, None, None].expand(3, 1, 28, 28)
     recon = nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))
-    by_hand = (recon + 0.5 * (lv.exp() + m ** 2 - 1 - lv).sum(1)).mean()
+    kl = kl_divergence(Normal(m, torch.exp(0.5 * lv)), Normal(pm, torch.exp(0.5 * plv))).sum(1)
+    by_hand = (recon + kl).mean()
     expect(torch.allclose(loss.detach(), by_hand.detach(), rtol=1e-5, atol=1e-4),
            f"with a decoder that depends on z, expected {by_hand.item():.4f}, got {loss.item():.4f}. hint: one z per image, "
            "z = mu + exp(logvar / 2) * eps with eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)")
     loss.backward()
     by_hand.backward()
-    expect(moving.mu.grad is not None and moving.logvar.grad is not None
-           and torch.allclose(moving.mu.grad, by_hand_model.mu.grad, rtol=1e-4, atol=1e-4)
-           and torch.allclose(moving.logvar.grad, by_hand_model.logvar.grad, rtol=1e-4, atol=1e-4),
-           "the gradient with respect to mu and logvar is wrong: it must flow through z into the reconstruction term "
-           "as well as through the KL. hint: the reparameterisation z = mu + sigma * eps; do not detach z, "
+    expect(all(
+               getattr(moving, name).grad is not None
+               and torch.allclose(getattr(moving, name).grad, getattr(by_hand_model, name).grad, rtol=1e-4, atol=1e-4)
+               for name in ("mu", "logvar", "prior_mu", "prior_logvar")
+           ),
+           "the gradient with respect to mu, logvar or the prior's (m, s) is wrong: it must flow through z into the "
+           "reconstruction term as well as through the KL, and into the prior through the KL. hint: the reparameterisation z = mu + sigma * eps; do not detach z, "
            "do not sample with torch.normal")
 
 
