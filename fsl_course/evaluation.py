@@ -152,8 +152,10 @@ def run_generative(args, device: torch.device) -> int:
     that its kind allows, and for a VAE the IWAE estimate of the test NLL (``--nll-k``).
 
     * unconditional: ``--samples`` samples -> Fréchet distance to the glyph training images;
-    * conditional: the same number of samples, labels cycling over the classes -> Fréchet
-      distance and class-conditional accuracy;
+    * conditional (``cvae``, ``cgan``): the same number of samples, labels cycling over the
+      classes -> Fréchet distance and class-conditional accuracy. The accuracy needs the model's
+      labels to be the feature net's classes, i.e. a model trained on the plain glyph training
+      split (no rotations); for any other training set it is left out, with a note;
     * few-shot (``generate``), and VAEs through prototype-latent sampling: fidelity, diversity
       and novelty on ``--way``-way episodes of ``--dataset``/``--split`` for K = 1 and 5 (or ``--shot``).
     """
@@ -181,12 +183,22 @@ def run_generative(args, device: torch.device) -> int:
             return vae.prototype_latent_generate(model, support_x, n, generator)
     generate_name = {"few-shot": "generate", "unconditional": "prototype-latent sampling"}.get(kind)
     dataset = load(args.dataset, args.split, root=args.root) if generate is not None else None
+    note = None
+    if kind == "conditional":
+        info = getattr(model, "training_info", None) or {}
+        trained_on = info.get("dataset", "glyphs"), bool(info.get("rotations", False))
+        if trained_on != ("glyphs", False):
+            labels, note = None, (f"no class-conditional accuracy: the model's labels are the classes of "
+                                  f"{trained_on[0]}/train{' with rotations' if trained_on[1] else ''}, not the "
+                                  "feature net's plain glyph training classes")
     report = metrics.generative_report(
         samples=samples, labels=labels, generate=generate, dataset=dataset, way=args.way,
         shots=(1, 5) if args.shot is None else (args.shot,), n_samples=args.gen_samples,
         episodes=100 if args.episodes is None else args.episodes, seed=args.seed, progress=not args.json)
-    report = {"checkpoint": str(args.checkpoint), "model": model.name, "kind": kind,
+    report = {"checkpoint": str(args.checkpoint), "model": model.name, "model_kwargs": model.config["kwargs"], "kind": kind,
               "few_shot_method": generate_name if generate is not None else None, **report}
+    if note is not None:
+        report["conditional_note"] = note
     if generate is not None and args.baselines:
         report["baselines"] = few_shot_baselines(model, dataset, args)
     if args.nll_k and hasattr(model, "log_likelihood"):
@@ -231,7 +243,8 @@ def estimate_nll(model, dataset, k: int, n_images: int, seed: int, device) -> di
 
 def format_generative(report: dict) -> str:
     """The report of :func:`run_generative` as a few readable lines."""
-    lines = [f"{report['checkpoint']}: {report['model']} ({report['kind']})"]
+    loss = report.get("model_kwargs", {}).get("loss")  # GANs: nonsaturating or wgan-gp
+    lines = [f"{report['checkpoint']}: {report['model']} ({report['kind']}{f', loss {loss}' if loss else ''})"]
     if "frechet" in report:
         fd = report["frechet"]
         lines.append(f"  Fréchet distance {fd['fd']:.2f} ({fd['n_samples']} samples; real held-out images: "
@@ -239,6 +252,8 @@ def format_generative(report: dict) -> str:
     if "conditional" in report:
         c = report["conditional"]
         lines.append(f"  class-conditional accuracy {100 * c['accuracy']:.1f} % (real images: {100 * c['real_accuracy']:.1f} %)")
+    if "conditional_note" in report:
+        lines.append(f"  {report['conditional_note']}")
     for entry in report.get("few_shot", []):
         for who in ("method", "real"):
             s = entry[who]

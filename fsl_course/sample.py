@@ -2,8 +2,8 @@
 
 What is drawn depends on what the checkpoint's model can do (:func:`fsl_course.generative.model_kind`):
 
-* unconditional (``vae``): ``--n`` samples, ``--cols`` per row;
-* class-conditional (``cvae``): one column per class, ``--labels 0,1,2`` or the first
+* unconditional (``vae``, ``dcgan``, ``wgan-gp``): ``--n`` samples, ``--cols`` per row;
+* class-conditional (``cvae``, ``cgan``): one column per class, ``--labels 0,1,2`` or the first
   ``--classes N`` training classes, cycling until there are ``--n`` samples;
 * few-shot (``set-vae``): the support images in the first row(s), a gap, then ``--n`` new
   images of their class. Support images come from ``--support`` (PNG/JPEG/BMP files, or folders
@@ -148,7 +148,8 @@ def run(args) -> int:
         holds = {"unconditional": "an unconditional", "conditional": "a class-conditional", "few-shot": "a few-shot"}[kind]
         raise ValueError(f"{' '.join(wrong)}: not used by {args.checkpoint}, which holds {holds} model ({model.name!r})")
     generator = torch.Generator().manual_seed(args.seed)
-    sections, what = [], f"{args.n} samples of {model.name} ({kind})"
+    loss = model.config["kwargs"].get("loss")  # GANs: nonsaturating or wgan-gp
+    sections, what = [], f"{args.n} samples of {model.name} ({kind}{f', loss {loss}' if loss else ''})"
     if kind == "unconditional":
         sections.append((model.sample(args.n, generator=generator), args.cols))
     elif kind == "conditional":

@@ -111,6 +111,103 @@ def cvae_loss_with_the_standard_normal_prior(model, x, y, generator=None):
     return (nll + 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(1)).mean()
 
 
+# --------------------------------------------------------------------------- typical mistakes, exercise 04
+
+ex04 = importlib.import_module("fsl_course.checks.ex04")
+softplus = torch.nn.functional.softplus
+
+
+def d_star_swapped(p_data, p_model):
+    return p_model / (p_data + p_model)
+
+
+def d_star_without_the_zero_case(p_data, p_model):
+    return p_data / (p_data + p_model)  # 0 / 0 = NaN where both densities vanish
+
+
+def d_star_with_an_epsilon(p_data, p_model):
+    total = p_data + p_model
+    return torch.where(total > 0, p_data / (total + 1e-12), torch.full_like(total, 0.5))
+
+
+def d_loss_with_log_sigmoid(real_logits, fake_logits):
+    return -torch.log(torch.sigmoid(real_logits)).mean() - torch.log(1 - torch.sigmoid(fake_logits)).mean()
+
+
+def d_loss_with_the_wrong_sign(real_logits, fake_logits):
+    return torch.log(torch.sigmoid(real_logits)).mean() + torch.log(torch.sigmoid(-fake_logits)).mean()  # V, not -V
+
+
+def d_loss_summed(real_logits, fake_logits):
+    return softplus(-real_logits).sum() + softplus(fake_logits).sum()
+
+
+def d_loss_one_mean_over_both_batches(real_logits, fake_logits):
+    return torch.cat([softplus(-real_logits), softplus(fake_logits)]).mean()
+
+
+def d_loss_swapped(real_logits, fake_logits):
+    return softplus(real_logits).mean() + softplus(-fake_logits).mean()
+
+
+def g_loss_non_saturating(fake_logits):
+    return softplus(-fake_logits).mean()
+
+
+def g_loss_saturating(fake_logits):
+    return -softplus(fake_logits).mean()
+
+
+def g_loss_saturating_with_log(fake_logits):
+    return torch.log(1 - torch.sigmoid(fake_logits)).mean()
+
+
+def g_loss_non_saturating_with_log(fake_logits):
+    return -torch.log(torch.sigmoid(fake_logits)).mean()
+
+
+def g_loss_non_saturating_detached(fake_logits):
+    return torch.tensor(softplus(-fake_logits).mean().item())
+
+
+@pytest.mark.parametrize("check, wrong, message", [
+    (ex04.optimal_discriminator, d_star_swapped, "check 2 failed: p_data = [0.3, 0.1, 0.2], p_model = [0.1, 0.3, 0.2] give "
+     "D* = [0.75, 0.25, 0.5], got [0.25, 0.75, 0.5]. hint: D* is the probability that x is *real*: p_data goes on top"),
+    (ex04.optimal_discriminator, lambda p_data, p_model: torch.full_like(p_data, 0.5), "hint: 1/2 is D* only where p_data = p_model"),
+    (ex04.optimal_discriminator, d_star_without_the_zero_case, "check 3 failed: where only the data has mass D* = 1"),
+    (ex04.optimal_discriminator, d_star_with_an_epsilon, "check 5 failed: D* depends only on the ratio of the densities"),
+    (ex04.discriminator_loss, d_loss_with_log_sigmoid, "got inf. hint: torch.log(torch.sigmoid(l)) gives log(0) = -inf for l = -200"),
+    (ex04.discriminator_loss, d_loss_with_the_wrong_sign, "got -1.38629. hint: the sign: the discriminator *maximises* V"),
+    (ex04.discriminator_loss, d_loss_summed, "hint: average over each batch (.mean()), do not sum"),
+    (ex04.discriminator_loss, d_loss_one_mean_over_both_batches, "one mean over the concatenated logits halves the loss"),
+    (ex04.discriminator_loss, d_loss_swapped, "check 3 failed: real logits [2, -1], fake logits [0.5, -3] give "
+     "mean(softplus(-l_real)) + mean(softplus(l_fake)) = 1.2314, got 2.98143. hint: real and fake are swapped"),
+    (ex04.generator_loss_saturating, g_loss_non_saturating, "hint: this is the non-saturating loss; the saturating (minimax) loss is"),
+    (ex04.generator_loss_saturating, g_loss_saturating_with_log, "check 4 failed: fake logits [200, 0] give -100.3466, got -inf. "
+     "hint: torch.log(1 - torch.sigmoid(200)) is log(0)"),
+    (ex04.generator_loss_saturating, lambda fake_logits: -g_loss_saturating(fake_logits), "hint: the sign: the generator *minimises*"),
+    (ex04.generator_loss_nonsaturating, g_loss_saturating, "hint: this is the saturating (minimax) loss; the non-saturating loss is"),
+    (ex04.generator_loss_nonsaturating, g_loss_non_saturating_with_log, "got inf. hint: torch.log(torch.sigmoid(-200)) is log(0)"),
+    (ex04.generator_loss_nonsaturating, lambda fake_logits: softplus(fake_logits).mean(),
+     "hint: log D(G(z)) and log(1 - D(G(z))) are mixed up"),
+    (ex04.generator_loss_nonsaturating, g_loss_non_saturating_detached, "check 5 failed: dL_G/dl = -(1 - sigmoid(l)) / B"),
+    (ex04.generator_loss_nonsaturating, lambda fake_logits: softplus(-fake_logits).sum(), "hint: average over the batch (.mean()), do not sum"),
+])
+def test_a_typical_gan_mistake_fails_with_one_line_and_a_hint(check, wrong, message):
+    with pytest.raises(CheckFailed) as failed:
+        check(wrong)
+    text = str(failed.value)
+    assert text.startswith(f"{check.__name__}: check ") and message in text and "\n" not in text
+
+
+def test_the_gan_checks_pass_on_the_package_reference_too(capsys):
+    from fsl_course import gan
+
+    for name in ("optimal_discriminator", "discriminator_loss", "generator_loss_saturating", "generator_loss_nonsaturating"):
+        getattr(ex04, name)(getattr(gan, name))
+    assert capsys.readouterr().out.count("visible checks passed") == 4
+
+
 @pytest.mark.parametrize("check, wrong, message", [
     (ex03.cvae_loss, cvae_loss_with_the_standard_normal_prior, "hint: the prior is (m, s) = model.prior(y), not N(0, I)"),
     (ex01.sample_episode, float_labels, "check 2 failed: labels must be int64. hint: torch.long"),

@@ -1,7 +1,10 @@
-"""Generative models: the registry, checkpoints, ``fsl-course train vae|cvae|set-vae`` and
-``fsl-course sample``."""
+"""Generative models: the registry, checkpoints, ``fsl-course train vae|cvae|set-vae|dcgan|wgan-gp|cgan``,
+``fsl-course sample`` and ``fsl-course eval`` of generative checkpoints."""
 
+import json
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,11 +17,14 @@ from fsl_course import train as train_module
 from fsl_course.cli import main
 from fsl_course.generative import GENERATORS, GenerativeModel, load_model, model_kind, register_model, save_model
 from fsl_course.meta import PixelPrototype, save_learner
+from fsl_course.gan import GAN, ConditionalGAN
 from fsl_course.sample import load_support_images
 from fsl_course.vae import ConditionalVAE, ConvVAE, SetVAE
 
 SMALL = {"vae": lambda: ConvVAE(latent_dim=3, hidden=4), "cvae": lambda: ConditionalVAE(5, latent_dim=3, hidden=4),
-         "set-vae": lambda: SetVAE(latent_dim=3, context_dim=2, hidden=4)}
+         "set-vae": lambda: SetVAE(latent_dim=3, context_dim=2, hidden=4),
+         "dcgan": lambda: GAN(latent_dim=3, hidden=4), "cgan": lambda: ConditionalGAN(5, latent_dim=3, hidden=4)}
+KINDS = {"vae": "unconditional", "cvae": "conditional", "set-vae": "few-shot", "dcgan": "unconditional", "cgan": "conditional"}
 
 
 def gen(seed=0):
@@ -53,10 +59,10 @@ def tiny_data(monkeypatch):
 # --------------------------------------------------------------------------- registry and checkpoints
 
 
-def test_the_vae_models_are_registered_with_their_kinds():
-    assert {"vae": ConvVAE, "cvae": ConditionalVAE, "set-vae": SetVAE}.items() <= GENERATORS.items()
-    kinds = {name: model_kind(make()) for name, make in SMALL.items()}
-    assert kinds == {"vae": "unconditional", "cvae": "conditional", "set-vae": "few-shot"}
+def test_the_vae_and_gan_models_are_registered_with_their_kinds():
+    registered = {"vae": ConvVAE, "cvae": ConditionalVAE, "set-vae": SetVAE, "dcgan": GAN, "cgan": ConditionalGAN}
+    assert registered.items() <= GENERATORS.items()
+    assert {name: model_kind(make()) for name, make in SMALL.items()} == KINDS
     assert ConditionalVAE(7, hidden=4).config == {"model": "cvae", "kwargs": {"n_classes": 7, "latent_dim": 16, "hidden": 4}}
     with pytest.raises(TypeError, match="not a generative model"):
         model_kind(PixelPrototype())
@@ -105,6 +111,19 @@ def test_load_model_explains_what_is_wrong(tmp_path):
         load_model(tmp_path / "mismatch.pt")
 
 
+def test_a_gan_checkpoint_loads_in_a_fresh_process_without_importing_gan_first(tmp_path):
+    """fsl_course.gan is in MODEL_MODULES, so load_model finds "dcgan" and "cgan" on its own."""
+    torch.manual_seed(0)
+    paths = [save_model(GAN(latent_dim=3, hidden=4, loss="wgan-gp"), tmp_path / "w.pt"),
+             save_model(ConditionalGAN(5, latent_dim=3, hidden=4), tmp_path / "c.pt")]
+    script = ("import sys\nfrom fsl_course.generative import load_model\nassert 'fsl_course.gan' not in sys.modules\n"
+              "for path in sys.argv[1:]:\n    model = load_model(path, device='cpu')\n"
+              "    print(model.name, model.config['kwargs']['loss'], tuple(model.noise(2).shape))")
+    done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["dcgan wgan-gp (2, 3)", "cgan nonsaturating (2, 3)"]
+
+
 def test_save_model_refuses_clashing_keys_and_unregistered_models(tmp_path):
     with pytest.raises(ValueError, match=r"keys \['kwargs'\] clash"):
         save_model(ConvVAE(hidden=4), tmp_path / "a.pt", kwargs={})
@@ -134,6 +153,44 @@ def test_train_saves_a_loadable_generative_checkpoint(method, rotations, tiny_da
     if method == "cvae":
         assert model.n_classes == 6 and training["class_names"][5] == "A/f"
     assert draw(model).shape[1:] == (1, 28, 28)
+
+
+@pytest.mark.parametrize("method, model_name, loss, rotations", [
+    ("dcgan", "dcgan", "nonsaturating", True),
+    ("wgan-gp", "dcgan", "wgan-gp", True),  # the same networks; the checkpoint's kwargs say the loss
+    ("cgan", "cgan", "nonsaturating", False),  # labels are the plain classes, like cvae
+])
+def test_train_saves_a_loadable_gan_checkpoint(method, model_name, loss, rotations, tiny_data, tmp_path, capsys):
+    out = tmp_path / f"{method}.pt"
+    assert main(["train", method, "--budget", "smoke", "--out", str(out), "--seed", "2"]) == 0
+    assert tiny_data == [("glyphs", "train", None, rotations)]
+    printed = capsys.readouterr().out
+    assert f"saved {out}" in printed and f"fsl-course sample {out} --n 64 --out grid.png" in printed
+    assert re.search(rf"final losses: {'critic' if loss == 'wgan-gp' else 'discriminator'} -?\d+\.\d+, generator -?\d+\.\d+", printed)
+
+    model = load_model(out, device="cpu")
+    assert model.name == model_name and model.config["kwargs"]["loss"] == loss and model.loss_kind == loss
+    info = model.training_info
+    assert info["command"] == f"fsl-course train {method} --dataset glyphs --budget smoke --out {out} --seed 2"
+    assert (info["seed"], info["budget"], info["rotations"]) == (2, "smoke", rotations)
+    training = info["training"]
+    hyperparameters = (train_module.wgan_gp_hyperparameters if loss == "wgan-gp" else train_module.gan_hyperparameters)(
+        train_module.Budget("smoke"))
+    assert {k: training[k] for k in ("steps", "batch_size", "lr")} == {k: hyperparameters[k] for k in ("steps", "batch_size", "lr")}
+    assert training["loss"] == loss and ("critic_steps" in training) == (loss == "wgan-gp")
+    assert all(np.isfinite(training[k]) for k in ("final_d_loss", "final_g_loss"))
+    if method == "cgan":
+        assert model.n_classes == 6 and training["class_names"][5] == "A/f"
+    assert draw(model).shape[1:] == (1, 28, 28)
+
+    grid = tmp_path / f"{method}.png"
+    labels = ["--labels", "5,0"] if method == "cgan" else []
+    assert main(["sample", str(out), "--n", "6", *labels, "--out", str(grid), "--scale", "1", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"6 samples of {model_name} (" in said and f"loss {loss}" in said
+    assert png(grid).shape == ((3 * 29 + 1, 2 * 29 + 1) if method == "cgan" else (29 + 1, 8 * 29 + 1))  # 6 samples in a row of 8
+    if method == "cgan":
+        assert "one column per class: 5 A/f, 0 A/a" in said
 
 
 def test_the_same_seed_gives_the_same_generative_checkpoint(tiny_data, tmp_path):
@@ -222,6 +279,9 @@ def test_sample_errors_are_one_line_with_exit_status_2(checkpoints, tmp_path, ca
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
+        ([str(checkpoints["cgan"]), "--labels", "5"], r"class indices in 0..4"),
+        ([str(checkpoints["dcgan"]), "--classes", "2"], r"--classes: not used by .*dcgan.pt, which holds an unconditional model \('dcgan'\)"),
+        ([str(checkpoints["cgan"]), "--support", str(empty)], r"--support: not used by .*cgan.pt, which holds a class-conditional model"),
         ([str(tmp_path / "missing.pt")], "no checkpoint at"),
         ([str(learner)], "few-shot learner checkpoint"),
         ([str(checkpoints["set-vae"]), "--support", str(empty)], "has no image files"),
@@ -237,3 +297,37 @@ def test_sample_errors_are_one_line_with_exit_status_2(checkpoints, tmp_path, ca
         err = capsys.readouterr().err
         assert re.search(message, err), (argv, err)
         assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+# --------------------------------------------------------------------------- fsl-course eval of GAN checkpoints
+
+
+def eval_report(capsys, *argv) -> dict:
+    assert main(["eval", *map(str, argv), "--samples", "40", "--device", "cpu", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_of_gans_reports_the_frechet_distance_and_the_conditional_accuracy(tmp_path, capsys):
+    """Unconditional: FD and its floor; cgan trained on plain glyphs: also the class-conditional
+    accuracy; a cgan trained on anything else: FD and a note, since its labels are not the feature net's classes."""
+    from fsl_course.evaluation import format_generative
+
+    torch.manual_seed(0)
+    wgan = save_model(GAN(latent_dim=3, hidden=4, loss="wgan-gp").eval(), tmp_path / "wgan.pt", dataset="glyphs", rotations=True)
+    assert main(["eval", str(wgan), "--samples", "40", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{wgan}: dcgan (unconditional, loss wgan-gp)" and len(lines) == 3
+    fd = re.fullmatch(r"  Fréchet distance (\d+\.\d+) \(40 samples; real held-out images: (\d+\.\d+)\) in the glyph feature net's space",
+                      lines[1])
+    assert fd and float(fd[1]) > float(fd[2]) >= 0
+
+    cgan = ConditionalGAN(5, latent_dim=3, hidden=4).eval()
+    report = eval_report(capsys, save_model(cgan, tmp_path / "cgan.pt", dataset="glyphs", rotations=False))
+    assert (report["model"], report["kind"], report["model_kwargs"]) == ("cgan", "conditional", cgan.config["kwargs"])
+    assert 0 <= report["conditional"]["accuracy"] <= 1 and report["conditional"]["real_accuracy"] > 0.5
+    assert report["frechet"]["n_samples"] == 40 and "conditional_note" not in report and report["few_shot_method"] is None
+
+    report = eval_report(capsys, save_model(cgan, tmp_path / "digits.pt", dataset="digits", rotations=False))
+    assert "conditional" not in report and "frechet" in report
+    assert report["conditional_note"].startswith("no class-conditional accuracy: the model's labels are the classes of digits/train")
+    assert f"\n  {report['conditional_note']}\n" in format_generative(report)

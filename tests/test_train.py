@@ -54,6 +54,39 @@ def test_train_saves_a_loadable_checkpoint_with_its_provenance(method, tiny_data
     assert learner.predict(*episode()).shape == (5, 5)
 
 
+def test_generative_methods_include_the_gans_with_budgets_that_grow():
+    assert {"vae", "cvae", "set-vae", "dcgan", "wgan-gp", "cgan"} <= set(train_module.GENERATIVE_METHODS)
+    assert train_module.GENERATIVE_METHODS["cgan"].rotations is False  # labels are the plain classes
+    assert train_module.GENERATIVE_METHODS["dcgan"].rotations is None  # follows --no-rotations
+    for sizes in (train_module.gan_hyperparameters, train_module.wgan_gp_hyperparameters):
+        smoke, standard, full = (sizes(train_module.Budget(name)) for name in ("smoke", "standard", "full"))
+        assert smoke["steps"] < 10 <= 100 < standard["steps"] < full["steps"] and full["steps"] >= 10_000
+        assert smoke.keys() == standard.keys() == full.keys() and {"latent_dim", "hidden", "lr"} <= smoke.keys()
+    assert train_module.wgan_gp_hyperparameters(train_module.Budget("full"))["critic_steps"] == 5  # as in the paper
+    with pytest.raises(ValueError, match="unknown GAN method"):
+        train_module.train_adversarial("stylegan")
+
+
+@pytest.mark.parametrize("method", ["dcgan", "wgan-gp", "cgan"])
+def test_the_same_seed_gives_the_same_gan_checkpoint(method, tiny_data, tmp_path):
+    states = []
+    for name in ("a.pt", "b.pt", "c.pt"):
+        seed = "7" if name == "c.pt" else "4"
+        assert main(["train", method, "--budget", "smoke", "--out", str(tmp_path / name), "--seed", seed]) == 0
+        states.append(load_checkpoint(tmp_path / name)[0])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
+    assert not all(torch.equal(value, states[2][key]) for key, value in states[0].items())
+
+
+def test_train_help_lists_the_gan_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name}:" in printed for name in ("dcgan", "wgan-gp", "cgan"))
+    assert "saved as model 'dcgan'" in printed and "never rotations" in printed
+
+
 def test_baseline_training_is_recorded_and_changes_the_weights(tiny_data, tmp_path):
     out = tmp_path / "b.pt"
     assert main(["train", "baseline", "--budget", "smoke", "--out", str(out)]) == 0

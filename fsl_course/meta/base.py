@@ -13,6 +13,7 @@ writes and :func:`load_learner` reads.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,6 +107,10 @@ def validate_episode(support_x: torch.Tensor, support_y: torch.Tensor, query_x: 
 #: learner name -> learner class; filled by :func:`register_learner`.
 LEARNERS = Registry(FewShotLearner, "learner")
 
+#: modules whose import registers learners; :func:`load_learner` imports them first, so that a
+#: checkpoint loads without the caller importing the module that defines its class.
+LEARNER_MODULES: list[str] = ["fsl_course.meta.baselines", "fsl_course.dagan"]
+
 #: Class decorator: make a :class:`FewShotLearner` loadable by ``name``, e.g.
 #: ``@register_learner("my-learner") class MyLearner(FewShotLearner): ...``
 register_learner = LEARNERS.register
@@ -127,5 +132,8 @@ def load_learner(path: str | os.PathLike, device: torch.device | str | None = No
     Raises ``ValueError`` for an unreadable file, an unknown learner name, or a
     ``state_dict`` that does not fit the rebuilt learner.
     """
-    learner = LEARNERS.rebuild(path, *load_checkpoint(path))
+    state_dict, config = load_checkpoint(path)
+    for module in LEARNER_MODULES:
+        importlib.import_module(module)
+    learner = LEARNERS.rebuild(path, state_dict, config)
     return learner.to(default_device() if device is None else torch.device(device))
