@@ -381,6 +381,7 @@ class DCGANDiscriminator(nn.Module):
                     -> LeakyReLU(0.2) -> flatten, (B, F) with F = 2 hidden * 49;
         score = psi(h) = w^T h + b                       (unconditional)
         score = psi(h) + <embed(y), h>                   (n_classes given: projection discriminator)
+        class logits = c(h), (B, n_classes)               (auxiliary=True: AC-GAN head, :meth:`class_logits`)
 
     The projection form (Miyato & Koyama 2018, arXiv:1802.05637) follows from writing the
     logit of ``p_data(y | x) p_data(x) / (p_model(y | x) p_model(x))`` with log-linear class
@@ -390,9 +391,14 @@ class DCGANDiscriminator(nn.Module):
     and the label embedding as in the paper, with
     ``torch.nn.utils.parametrizations.spectral_norm`` (Miyato et al. 2018, arXiv:1802.05957):
     ``W / sigma_max(W)``, one power iteration per training-mode forward.
+
+    ``auxiliary=True`` (needs ``n_classes``) adds an auxiliary classifier ``c`` (Odena et al.
+    2017, AC-GAN, arXiv:1610.09585): a two-layer head ``F -> 256 -> n_classes`` on the same
+    features, trained to classify real images; the generator is then also trained to make
+    ``c(phi(G(z, y)))`` say ``y`` (:func:`train_gan`).
     """
 
-    def __init__(self, hidden: int = 32, spectral_norm: bool = False, n_classes: int | None = None):
+    def __init__(self, hidden: int = 32, spectral_norm: bool = False, n_classes: int | None = None, auxiliary: bool = False):
         super().__init__()
         if not isinstance(spectral_norm, bool):
             raise TypeError(f"spectral_norm must be True or False, got {spectral_norm!r}")
@@ -412,19 +418,35 @@ class DCGANDiscriminator(nn.Module):
             embedding = nn.Embedding(n_classes, self.features_dim)
             nn.init.normal_(embedding.weight, std=self.features_dim**-0.5)  # rows of norm about 1
             self.embedding = sn(embedding)
+        if not isinstance(auxiliary, bool):
+            raise TypeError(f"auxiliary must be True or False, got {auxiliary!r}")
+        if auxiliary and n_classes is None:
+            raise ValueError("an auxiliary classifier needs n_classes")
+        self.classifier = None
+        if auxiliary:
+            self.classifier = nn.Sequential(sn(nn.Linear(self.features_dim, 256)), nn.LeakyReLU(0.2), sn(nn.Linear(256, n_classes)))
 
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         """Features ``h``: (B, 1, 28, 28) -> (B, F), ``F = 2 * hidden * 49``."""
         _check_gan_images(x)
         return rearrange(self.features(x.contiguous(memory_format=torch.channels_last)), "b c h w -> b (c h w)")
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.phi(x)
+    def score(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The logit (or critic score) from features: ``h`` (B, F) -> (B,)."""
         score = rearrange(self.head(h), "b 1 -> b")
         if self.embedding is None:
             _no_labels(self, labels)
             return score
-        return score + (self.embedding(_labels_for(self, labels, len(x))) * h).sum(dim=1)
+        return score + (self.embedding(_labels_for(self, labels, len(h))) * h).sum(dim=1)
+
+    def class_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The auxiliary classifier's logits ``c(h)``: features (B, F) -> (B, n_classes)."""
+        if self.classifier is None:
+            raise ValueError("this discriminator has no auxiliary classifier (auxiliary=False)")
+        return self.classifier(h)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score(self.phi(x), labels)
 
 
 def _labels_for(module: nn.Module, labels, batch: int) -> torch.Tensor:
@@ -484,15 +506,28 @@ class ConditionalGAN(GenerativeModel):
     (:class:`DCGANGenerator` with ``n_classes``) and the discriminator is a projection
     discriminator, ``psi(h) + <embed(y), h>`` (:class:`DCGANDiscriminator` with ``n_classes``).
     Same ``loss`` choices as :class:`GAN`. :meth:`sample` draws ``x ~ p_model(x | y)`` in ``[0, 1]``.
+
+    ``aux_weight > 0`` adds the AC-GAN auxiliary classifier (Odena et al. 2017) to the
+    discriminator, and :func:`train_gan` adds ``aux_weight * CE(c(phi(x)), y)`` on real images to
+    the discriminator's loss and ``aux_weight * CE(c(phi(G(z, y))), y)`` to the generator's.
+    With many classes and few images each (glyphs: 1,118 x 20) the projection term alone is
+    too weak a label signal: a row of either embedding gets a gradient in few of the steps, and
+    samples ignore their label (measured in lesson 05).
     """
 
-    def __init__(self, n_classes: int, latent_dim: int = 64, hidden: int = 32, spectral_norm: bool = False, loss: str = "nonsaturating"):
-        super().__init__(n_classes=n_classes, latent_dim=latent_dim, hidden=hidden, spectral_norm=spectral_norm, loss=loss)
+    def __init__(self, n_classes: int, latent_dim: int = 64, hidden: int = 32, spectral_norm: bool = False,
+                 loss: str = "nonsaturating", aux_weight: float = 0.0):
+        super().__init__(n_classes=n_classes, latent_dim=latent_dim, hidden=hidden, spectral_norm=spectral_norm, loss=loss,
+                         aux_weight=aux_weight)
+        if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) or not aux_weight >= 0:
+            raise ValueError(f"aux_weight must be a nonnegative float, got {aux_weight!r}")
         self.n_classes = check_count("n_classes", n_classes)
         self.latent_dim = check_count("latent_dim", latent_dim)
         self.loss_kind = _check_loss(loss)
+        self.aux_weight = float(aux_weight)
         self.generator = DCGANGenerator(latent_dim, hidden, n_classes=n_classes)
-        self.discriminator = DCGANDiscriminator(hidden, spectral_norm=spectral_norm, n_classes=n_classes)
+        self.discriminator = DCGANDiscriminator(hidden, spectral_norm=spectral_norm, n_classes=n_classes,
+                                                auxiliary=aux_weight > 0)
 
     noise = GAN.noise
 
@@ -520,15 +555,29 @@ def _fakes(model, n: int, generator: torch.Generator, labels: torch.Tensor | Non
     return model.generator(z, y), y
 
 
+def _scores(model, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The discriminator's scores ``(B,)`` of ``x`` and its auxiliary loss ``aux_weight * CE(c(phi(x)), y)``
+    (0 without an auxiliary classifier)."""
+    aux = getattr(model, "aux_weight", 0.0)
+    if aux == 0:
+        scores = model.discriminator(x, y)
+        return scores, scores.new_zeros(())
+    h = model.discriminator.phi(x)
+    return model.discriminator.score(h, y), aux * F.cross_entropy(model.discriminator.class_logits(h), y)
+
+
 def _nonsaturating_step(model, real, real_y, generator, opt_d, opt_g) -> tuple[float, float]:
-    """One discriminator update on ``-V`` then one generator update on ``-E log D(G(z))``, same fakes
-    (with the real batch's labels)."""
+    """One discriminator update on ``-V`` (+ the auxiliary loss on real images) then one generator
+    update on ``-E log D(G(z))`` (+ the auxiliary loss on the fakes), same fakes, with the real
+    batch's labels."""
     fake, fake_y = _fakes(model, len(real), generator, real_y)
-    d_loss = discriminator_loss(model.discriminator(real, real_y), model.discriminator(fake.detach(), fake_y))
+    real_scores, aux_real = _scores(model, real, real_y)
+    d_loss = discriminator_loss(real_scores, model.discriminator(fake.detach(), fake_y)) + aux_real
     opt_d.zero_grad()
     d_loss.backward()
     opt_d.step()
-    g_loss = generator_loss_nonsaturating(model.discriminator(fake, fake_y))
+    fake_scores, aux_fake = _scores(model, fake, fake_y)
+    g_loss = generator_loss_nonsaturating(fake_scores) + aux_fake
     opt_g.zero_grad()
     g_loss.backward()
     opt_g.step()
@@ -536,13 +585,15 @@ def _nonsaturating_step(model, real, real_y, generator, opt_d, opt_g) -> tuple[f
 
 
 def _wgan_gp_step(model, real_batches, generator, opt_d, opt_g) -> tuple[float, float]:
-    """One critic update per real batch on ``E f(G(z)) - E f(x) + GP`` (fakes with the real labels, so
-    each interpolate has one label), then one generator update on ``-E f(G(z))``, labels uniform."""
+    """One critic update per real batch on ``E f(G(z)) - E f(x) + GP`` (+ the auxiliary loss on real
+    images; fakes with the real labels, so each interpolate has one label), then one generator
+    update on ``-E f(G(z))`` (+ the auxiliary loss on the fakes), labels uniform."""
     d_losses = []
     for real, real_y in real_batches:
         with torch.no_grad():
             fake, fake_y = _fakes(model, len(real), generator, real_y)
-        d_loss = critic_loss(model.discriminator(real, real_y), model.discriminator(fake, fake_y)) + gradient_penalty(
+        real_scores, aux_real = _scores(model, real, real_y)
+        d_loss = critic_loss(real_scores, model.discriminator(fake, fake_y)) + aux_real + gradient_penalty(
             model.discriminator, real, fake, generator, labels=real_y
         )
         opt_d.zero_grad()
@@ -550,7 +601,8 @@ def _wgan_gp_step(model, real_batches, generator, opt_d, opt_g) -> tuple[float, 
         opt_d.step()
         d_losses.append(d_loss.item())
     fake, fake_y = _fakes(model, len(real), generator)
-    g_loss = wgan_generator_loss(model.discriminator(fake, fake_y))
+    fake_scores, aux_fake = _scores(model, fake, fake_y)
+    g_loss = wgan_generator_loss(fake_scores) + aux_fake
     opt_g.zero_grad()
     g_loss.backward()
     opt_g.step()
@@ -582,6 +634,11 @@ def train_gan(
     * ``loss="wgan-gp"`` (Gulrajani et al. 2017, Algorithm 1): Adam betas ``(0.0, 0.9)``; per
       step ``critic_steps`` critic updates on :func:`critic_loss` ``+`` :func:`gradient_penalty`
       (weight 10), each on a fresh batch, then one generator update on :func:`wgan_generator_loss`.
+    * A :class:`ConditionalGAN` with ``aux_weight > 0`` adds the AC-GAN terms: ``aux_weight *
+      CE(c(phi(x)), y)`` on real images to every discriminator (critic) update and ``aux_weight *
+      CE(c(phi(G(z, y))), y)`` to the generator update. The discriminator's classifier learns from
+      real images only, so it is never taught the fakes' labels (Odena et al. 2017 also train it
+      on fakes).
 
     Args:
         dataset: a :class:`~fsl_course.data.FewShotDataset` or a dense ``(C, n, 1, 28, 28)`` tensor in [0, 1].
@@ -593,7 +650,7 @@ def train_gan(
 
     Returns:
         ``{"d_loss": [...], "g_loss": [...]}``, one value per step (for ``"wgan-gp"``, ``d_loss``
-        is the mean over the step's critic updates, penalty included).
+        is the mean over the step's critic updates, penalty included; auxiliary terms included).
     """
     if not isinstance(model, (GAN, ConditionalGAN)):
         raise TypeError(f"train_gan trains a GAN or a ConditionalGAN, got {type(model).__name__}")
@@ -618,7 +675,7 @@ def train_gan(
         return to_tanh_range(flat[index]).to(device), labels
 
     history: dict[str, list[float]] = {"d_loss": [], "g_loss": []}
-    bar = tqdm(range(steps), desc=f"train {model.name or type(model).__name__}", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=f"train {model.name or type(model).__name__} ({model.loss_kind})", disable=not progress, leave=False)
     for _ in bar:
         if model.loss_kind == "nonsaturating":
             d_loss, g_loss = _nonsaturating_step(model, *real_batch(), generator, opt_d, opt_g)

@@ -208,6 +208,176 @@ def test_the_gan_checks_pass_on_the_package_reference_too(capsys):
     assert capsys.readouterr().out.count("visible checks passed") == 4
 
 
+# --------------------------------------------------------------------------- typical mistakes, exercise 05
+
+ex05 = importlib.import_module("fsl_course.checks.ex05")
+SOLUTION_05 = solution_functions(ROOT / "solutions" / "05_stable_and_conditional_gans.ipynb")
+
+
+def penalty_variant(*, eps="per_sample", real_first=True, detach=True, scores="sum", create_graph=True,
+                    norm="per_sample", squared=False, one_sided=False, fixed_weight=None):
+    """The gradient penalty with one typical mistake (the defaults are the right answer)."""
+
+    def gradient_penalty(critic, real, fake, generator=None, weight=10.0):
+        batch, ones = len(real), (1,) * (real.ndim - 1)
+        shape = {"per_sample": (batch,) + ones, "normal": (batch,) + ones, "batch": (1,) + ones,
+                 "pixel": tuple(real.shape), "matrix": (batch, 1)}[eps]
+        draw = torch.randn if eps == "normal" else torch.rand
+        e = draw(shape, generator=generator, dtype=real.dtype)
+        e = e if real_first else 1 - e
+        r, f = (real.detach(), fake.detach()) if detach else (real, fake)
+        x_hat = (e * r + (1 - e) * f).requires_grad_(True)
+        s = critic(x_hat)
+        (grad,) = torch.autograd.grad(s.sum() if scores == "sum" else s.mean(), x_hat, create_graph=create_graph)
+        n = {"per_sample": grad.flatten(1).norm(dim=1), "batch": grad.norm(), "last": grad.norm(dim=-1)}[norm]
+        n = n**2 if squared else n
+        d = (n - 1).clamp(min=0) if one_sided else n - 1
+        return (weight if fixed_weight is None else fixed_weight) * d.pow(2).mean()
+
+    return gradient_penalty
+
+
+def dagan_variant(*, penalty=True, no_grad=True, fake_order="u_first", noise_generator=True, penalty_generator=True,
+                  units="standard", swapped=False):
+    """The DAGAN critic loss with one typical mistake (the defaults are the right answer)."""
+    critic_loss, gradient_penalty = SOLUTION_05["critic_loss"], SOLUTION_05["gradient_penalty"]
+
+    def dagan_critic_loss(critic, generator_net, u, u_other, generator):
+        real = torch.cat([u, u_other], dim=1)
+        with torch.set_grad_enabled(not no_grad):
+            z = generator_net.noise(len(u), generator if noise_generator else None)
+            second = generator_net.forward_standard(u, z) if units == "standard" else generator_net(u, z)
+            fake = torch.cat([u, second] if fake_order == "u_first" else [second, u], dim=1)
+        real_scores, fake_scores = critic(real), critic(fake)
+        loss = critic_loss(fake_scores, real_scores) if swapped else critic_loss(real_scores, fake_scores)
+        if penalty:
+            loss = loss + gradient_penalty(critic, real, fake, generator if penalty_generator else None)
+        return loss
+
+    return dagan_critic_loss
+
+
+def augment_variant(*, layout="grouped", labels_layout=None, real_rows="first", no_grad=True, units="raw", noise="one_call"):
+    """augment_support with one typical mistake (the defaults are the right answer)."""
+
+    def augment_support(generator_net, features, labels, n, generator):
+        with torch.set_grad_enabled(not no_grad):
+            sources = features.repeat_interleave(n, 0) if layout == "grouped" else features.repeat(n, 1)
+            if noise == "one_call":
+                z = generator_net.noise(len(sources), generator)
+            else:  # one draw per support feature
+                z = torch.cat([generator_net.noise(n, generator) for _ in range(len(features))])
+            generated = generator_net(sources, z) if units == "raw" else generator_net.forward_standard(sources, z)
+        order = labels_layout or layout
+        generated_labels = labels.repeat_interleave(n) if order == "grouped" else labels.repeat(n)
+        if real_rows == "none":
+            return generated, generated_labels
+        if real_rows == "last":
+            return torch.cat([generated, features]), torch.cat([generated_labels, labels])
+        return torch.cat([features, generated]), torch.cat([labels, generated_labels])
+
+    return augment_support
+
+
+def constant(value: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value.item())  # the number, cut off from the graph
+
+
+@pytest.mark.parametrize("check, wrong, message", [
+    (ex05.critic_loss, lambda real, fake: real.mean() - fake.mean(),
+     "check 3 failed: real scores [1, 2, 3, 2] (mean 2) and fake scores [0.5, 1.5, 1, 1] (mean 1) give 1 - 2 = -1, got 1. "
+     "hint: the sign: the critic maximises the Wasserstein estimate"),
+    (ex05.critic_loss, lambda real, fake: fake.sum() - real.sum(), "got -4. hint: average over each batch (.mean()), do not sum"),
+    (ex05.critic_loss, lambda real, fake: softplus(-real).mean() + softplus(fake).mean(),
+     "check 2 failed: scores 0 for every sample give 0, got 1.38629. hint: this is the GAN discriminator's loss"),
+    (ex05.critic_loss, lambda real, fake: (fake - real).mean(), "check 4 failed: 3 real and 2 fake scores raised RuntimeError: "),
+    (ex05.critic_loss, lambda real, fake: torch.cat([fake, -real]).mean(), "got -0.5. hint: average each batch separately"),
+    (ex05.critic_loss, lambda real, fake: constant(fake.mean() - real.mean()), "check 6 failed: the gradient must flow"),
+    (ex05.wgan_generator_loss, lambda fake: fake.mean(), "hint: the sign: the generator wants the critic to score its fakes *high*"),
+    (ex05.wgan_generator_loss, lambda fake: -fake.sum(), "check 3 failed: fake scores [1, 2, 3] give -mean = -2, got -6. hint: average"),
+    (ex05.wgan_generator_loss, lambda fake: softplus(-fake).mean(), "got 0.693147. hint: this is a GAN generator loss"),
+    (ex05.wgan_generator_loss, lambda fake: constant(-fake.mean()), "check 5 failed: dL_G/df(G(z_j)) = -1 / B"),
+    (ex05.gradient_penalty, penalty_variant(norm="batch"), "check 2 failed: a linear critic f(x) = <w, x> with w = [3, 4] has the "
+     "gradient w at every x_hat, of norm 5, so GP = 10 * (5 - 1)^2 = 160 for any eps; got 810. hint: one norm for the whole batch"),
+    (ex05.gradient_penalty, penalty_variant(squared=True), "got 5760. hint: the norm, not the squared norm"),
+    (ex05.gradient_penalty, penalty_variant(scores="mean"), "hint: take the gradient of critic(x_hat).sum(), not of .mean()"),
+    (ex05.gradient_penalty, penalty_variant(fixed_weight=1.0), "got 16. hint: multiply by weight (here 10)"),
+    (ex05.gradient_penalty, penalty_variant(one_sided=True), "check 3 failed: w = [0.18, 0.24] (norm 0.3) gives 10 * (0.3 - 1)^2 = 4.9, "
+     "got 0. hint: the penalty is two-sided"),
+    (ex05.gradient_penalty, penalty_variant(create_graph=False), "check 4 failed: the penalty must be differentiable in the critic's "
+     "parameters (it is part of the critic's loss), but it has no gradient. "
+     "hint: torch.autograd.grad(scores.sum(), x_hat, create_graph=True)"),
+    (ex05.gradient_penalty, penalty_variant(eps="normal"), "hint: eps ~ U(0, 1) is torch.rand, not torch.randn"),
+    (ex05.gradient_penalty, penalty_variant(eps="pixel"), "one eps per sample, shared by all its coordinates: found different eps"),
+    (ex05.gradient_penalty, penalty_variant(eps="batch"), "one eps per sample, not one for the whole batch"),
+    (ex05.gradient_penalty, penalty_variant(real_first=False), "hint: eps multiplies the real samples"),
+    (ex05.gradient_penalty, penalty_variant(eps="matrix"), "images of shape (3, 1, 2, 2) raised RuntimeError: "),
+    (ex05.gradient_penalty, penalty_variant(norm="last"), "got 1.71573. hint: the norm over all non-batch dimensions"),
+    (ex05.gradient_penalty, penalty_variant(fixed_weight=10.0), "weight=1 gives 1 * (5 - 1)^2 = 16, got 160. hint: multiply by the "
+     "argument weight, do not hard-code 10"),
+    (ex05.gradient_penalty, penalty_variant(detach=False), "the penalty must not send gradients into real or fake"),
+    (ex05.dagan_critic_loss, dagan_variant(penalty=False), "hint: add the gradient penalty"),
+    (ex05.dagan_critic_loss, dagan_variant(swapped=True), "hint: real and fake are swapped"),
+    (ex05.dagan_critic_loss, dagan_variant(fake_order="u_second"), "hint: a pair is [u, second]: u first"),
+    (ex05.dagan_critic_loss, dagan_variant(no_grad=False), "the critic's step must not send gradients into the generator"),
+    (ex05.dagan_critic_loss, dagan_variant(noise_generator=False), "check 2 failed: draw the noise once, z = generator_net.noise(len(u), "
+     "generator), with the generator you were given; the calls were [(4, None)]"),
+    (ex05.dagan_critic_loss, dagan_variant(penalty_generator=False), "hint: pass generator to gradient_penalty too"),
+    (ex05.dagan_critic_loss, dagan_variant(units="raw"),
+     "check 1 failed: with stand-ins for the generator and the critic: the DAGAN game is played in standard units"),
+    (ex05.dagan_critic_loss,
+     lambda critic, generator_net, u, u_other, generator: SOLUTION_05["critic_loss"](critic(u), critic(u_other)),
+     "check 1 failed: with stand-ins for the generator and the critic: the critic scores pairs: one (B, 2D) = (B, 4) tensor per call"),
+    (ex05.augment_support, augment_variant(layout="tiled"),
+     "hint: grouped by source: rows S + i n .. S + i n + n - 1 come from features[i]"),
+    (ex05.augment_support, augment_variant(layout="tiled", labels_layout="grouped"),
+     "hint: grouped by source: einops.repeat(features, 's d -> (s n) d', n=n), not tiled copies of the support set"),
+    (ex05.augment_support, augment_variant(real_rows="none"), "give S (1 + n) = 9 rows: features (9, 2) and labels (9,), got (6, 2) "
+     "and (6,). hint: the real features come first"),
+    (ex05.augment_support, augment_variant(real_rows="last"), "check 4 failed: the first S rows are the support features"),
+    (ex05.augment_support, augment_variant(no_grad=False), "hint: compute the generated features under torch.no_grad()"),
+    (ex05.augment_support, augment_variant(units="standard"), "augment_support works in raw feature units"),
+    (ex05.augment_support, augment_variant(noise="per_source"), "draw all the noise in one call, z = generator_net.noise(S * n, generator), "
+     "S * n = 6; the calls asked for [2, 2, 2] noise vectors"),
+])
+def test_a_typical_wgan_or_dagan_mistake_fails_with_one_line_and_a_hint(check, wrong, message):
+    with pytest.raises(CheckFailed) as failed:
+        check(wrong)
+    text = str(failed.value)
+    assert text.startswith(f"{check.__name__}: check ") and message in text and "\n" not in text, text
+
+
+def test_the_solution_variants_above_are_right_with_their_defaults(capsys):
+    ex05.gradient_penalty(penalty_variant())
+    ex05.dagan_critic_loss(dagan_variant())
+    ex05.augment_support(augment_variant())
+    assert capsys.readouterr().out.count("visible checks passed") == 3
+
+
+def test_the_wgan_and_dagan_checks_pass_on_the_package_reference_too(capsys):
+    from types import SimpleNamespace
+
+    from fsl_course import dagan, gan
+
+    for name in ("critic_loss", "wgan_generator_loss", "gradient_penalty"):
+        getattr(ex05, name)(getattr(gan, name))
+
+    def package_dagan_critic_loss(critic, generator_net, u, u_other, generator):  # a critic step of train_feature_gan
+        real = dagan.pair(u, u_other)
+        with torch.no_grad():
+            fake = dagan.fake_pairs(generator_net, u, generator)
+        return gan.critic_loss(critic(real), critic(fake)) + gan.gradient_penalty(critic, real, fake, generator)
+
+    def package_augment_support(generator_net, features, labels, n, generator):  # DAGANLearner.finetune_head's data
+        learner = SimpleNamespace(generator=generator_net)
+        fake, fake_labels = dagan.DAGANLearner.generate_features(learner, features, labels, n, generator)
+        return torch.cat([features, fake]), torch.cat([labels, fake_labels])
+
+    ex05.dagan_critic_loss(package_dagan_critic_loss)
+    ex05.augment_support(package_augment_support)
+    assert capsys.readouterr().out.count("visible checks passed") == 5
+
+
 @pytest.mark.parametrize("check, wrong, message", [
     (ex03.cvae_loss, cvae_loss_with_the_standard_normal_prior, "hint: the prior is (m, s) = model.prior(y), not N(0, I)"),
     (ex01.sample_episode, float_labels, "check 2 failed: labels must be int64. hint: torch.long"),

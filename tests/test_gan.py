@@ -30,6 +30,7 @@ from fsl_course.gan import (  # importing fsl_course.gan registers "dcgan" and "
     wgan_generator_loss,
 )
 from fsl_course.generative import GENERATORS, load_model, model_kind, save_model
+import fsl_course.gan as gan_module
 
 f64 = torch.float64
 
@@ -363,7 +364,7 @@ def test_models_are_registered_with_their_kinds_and_config():
     assert model_kind(small("dcgan")) == "unconditional" and model_kind(small("cgan")) == "conditional"
     assert small("cgan", loss="wgan-gp").config == {
         "model": "cgan",
-        "kwargs": {"n_classes": 3, "latent_dim": 6, "hidden": 4, "spectral_norm": False, "loss": "wgan-gp"},
+        "kwargs": {"n_classes": 3, "latent_dim": 6, "hidden": 4, "spectral_norm": False, "loss": "wgan-gp", "aux_weight": 0.0},
     }
     assert GAN(hidden=4).config["kwargs"] == {"latent_dim": 64, "hidden": 4, "spectral_norm": False, "loss": "nonsaturating"}
 
@@ -390,10 +391,11 @@ def test_save_and_load_round_trip_gives_the_same_model(name, kwargs, tmp_path):
 
 @pytest.mark.parametrize(
     "name, loss",
-    [("dcgan", "nonsaturating"), ("dcgan", "wgan-gp"), ("cgan", "nonsaturating"), ("cgan", "wgan-gp")],
+    [("dcgan", "nonsaturating"), ("dcgan", "wgan-gp"), ("cgan", "nonsaturating"), ("cgan", "wgan-gp"), ("cgan-ac", "nonsaturating"),
+     ("cgan-ac", "wgan-gp")],
 )
 def test_a_few_training_steps_change_both_networks(name, loss):
-    model = small(name, loss=loss)
+    model = small("cgan", loss=loss, aux_weight=1.0) if name == "cgan-ac" else small(name, loss=loss)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = torch.rand(3, 3, 1, 28, 28, generator=gen(1))
     history = train_gan(model, data, steps=5, batch_size=8, lr=1e-3, device="cpu", progress=False, critic_steps=2)
@@ -406,7 +408,33 @@ def test_a_few_training_steps_change_both_networks(name, loss):
     for key, _ in model.named_parameters():
         assert torch.equal(before[key], after[key]) == (key in fixed), key
     if loss == "nonsaturating":
-        assert history["d_loss"][0] == pytest.approx(math.log(4), abs=0.3)  # about log 4 while D cannot tell yet
+        # about log 4 while D cannot tell yet (+ log 3 for an auxiliary classifier that cannot tell the 3 classes)
+        start = math.log(4) + (math.log(3) if name == "cgan-ac" else 0.0)
+        assert history["d_loss"][0] == pytest.approx(start, abs=0.3)
+
+
+def test_the_auxiliary_classifier_adds_the_cross_entropy_of_the_labels():
+    """AC-GAN: d_loss = -V + w CE(c(phi(x)), y) on real images, g_loss = -E log D(G(z)) + w CE(c(phi(G(z, y))), y)."""
+    model = small("cgan", aux_weight=2.5)
+    x, y = 2 * torch.rand(5, 1, 28, 28, generator=gen(2)) - 1, torch.tensor([0, 2, 1, 1, 0])
+    logits = model.discriminator.class_logits(model.discriminator.phi(x))
+    assert logits.shape == (5, 3)
+    by_hand = -torch.log_softmax(logits, dim=1)[torch.arange(5), y].mean()
+    scores, aux = gan_module._scores(model, x, y)
+    assert torch.allclose(scores, model.discriminator(x, y)) and aux.item() == pytest.approx(2.5 * by_hand.item(), rel=1e-6)
+    plain = small("cgan")
+    assert plain.discriminator.classifier is None and gan_module._scores(plain, x, y)[1].item() == 0.0
+
+
+def test_with_an_auxiliary_classifier_the_samples_follow_their_label():
+    """Two classes, blank and all ink: after 150 steps a sample of class 1 has more ink than one of class 0."""
+    torch.manual_seed(0)
+    model = ConditionalGAN(2, latent_dim=6, hidden=4, aux_weight=1.0)
+    data = torch.zeros(2, 4, 1, 28, 28)
+    data[1] = 1.0
+    train_gan(model, data, steps=150, batch_size=16, lr=2e-3, device="cpu", progress=False)
+    ink = model.sample(torch.tensor([0] * 32 + [1] * 32), generator=gen(3)).mean(dim=(1, 2, 3))
+    assert ink[32:].mean() > ink[:32].mean() + 0.3
 
 
 def test_training_is_seeded_and_accepts_a_dataset_object():
@@ -468,6 +496,9 @@ def test_training_shows_the_discriminator_images_in_the_tanh_range_with_the_clas
         (lambda: DCGANDiscriminator(hidden=4, n_classes=3)(torch.zeros(2, 1, 28, 28), torch.tensor([0])), ValueError,
          "1 labels for 2 images"),
         (lambda: DCGANDiscriminator(hidden=4, spectral_norm="yes"), TypeError, "spectral_norm must be True or False"),
+        (lambda: DCGANDiscriminator(hidden=4, auxiliary=True), ValueError, "an auxiliary classifier needs n_classes"),
+        (lambda: DCGANDiscriminator(hidden=4, n_classes=3).class_logits(torch.zeros(2, 196)), ValueError, "no auxiliary classifier"),
+        (lambda: ConditionalGAN(3, hidden=4, aux_weight=-1.0), ValueError, "aux_weight must be a nonnegative float"),
         (lambda: DCGANGenerator(latent_dim=6, hidden=4)(torch.zeros(2, 5)), ValueError, r"z must have shape \(B, latent_dim\) = \(B, 6\)"),
         (lambda: GAN(hidden=4, loss="hinge"), ValueError, r"loss must be one of \('nonsaturating', 'wgan-gp'\)"),
         (lambda: GAN(hidden=4).sample(0), ValueError, "n must be a positive int"),

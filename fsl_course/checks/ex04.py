@@ -12,39 +12,12 @@ import math
 import torch
 
 from fsl_course.checks import visible_check
-
-LOG_2 = math.log(2.0)
-
-
-def softplus(x: float) -> float:
-    """``log(1 + e^x)`` for a Python float, without overflow."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def _scalar(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim == 0
-
-
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _near(value, target: float, tol: float = 1e-5) -> bool:
-    return _scalar(value) and bool(torch.isfinite(value)) and abs(value.item() - target) <= tol * max(1.0, abs(target))
-
-
-def _show(value) -> str:
-    return f"{value.item():.6g}" if _scalar(value) else _shape(value)
-
-
-def _grad(loss_fn, *logits: torch.Tensor) -> list[torch.Tensor | None]:
-    """Gradients of ``loss_fn(*logits)`` with respect to each of ``logits`` (copies that require grad)."""
-    leaves = [l.detach().clone().requires_grad_(True) for l in logits]
-    loss = loss_fn(*leaves)
-    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        return [None] * len(leaves)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return list(grads)
+from fsl_course.checks.losses import LOG_2, softplus
+from fsl_course.checks.losses import gradients as _grad
+from fsl_course.checks.losses import is_scalar as _scalar
+from fsl_course.checks.losses import near as _near
+from fsl_course.checks.losses import shape_of as _shape
+from fsl_course.checks.losses import show as _show
 
 
 @visible_check
