@@ -38,6 +38,12 @@ def add_arguments(parser) -> None:
     conditional = parser.add_argument_group("class-conditional models").add_mutually_exclusive_group()
     conditional.add_argument("--labels", default=None, metavar="I,J,...", help="class indices, one column each")
     conditional.add_argument("--classes", type=int, default=None, metavar="N", help="the first N classes (default min(8, classes))")
+    diffusion = parser.add_argument_group("diffusion models (ddpm, cond-ddpm)")
+    diffusion.add_argument("--sampler", choices=("ancestral", "ddim"), default=None, help="default ancestral (all T steps)")
+    diffusion.add_argument("--steps", type=int, default=None, metavar="N", help="DDIM steps (default 50)")
+    diffusion.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
+    diffusion.add_argument("--guidance", type=float, default=None, metavar="W",
+                           help="classifier-free guidance weight w, eps = (1 + w) eps(x, y) - w eps(x, null) (default 0)")
     few_shot = parser.add_argument_group("few-shot models (support set)")
     few_shot.add_argument("--support", nargs="+", default=None, metavar="PATH", help="support image files or folders of them")
     few_shot.add_argument("--dataset", default=None, help="take the support set from this dataset (default: the training one)")
@@ -147,15 +153,20 @@ def run(args) -> int:
     if wrong:
         holds = {"unconditional": "an unconditional", "conditional": "a class-conditional", "few-shot": "a few-shot"}[kind]
         raise ValueError(f"{' '.join(wrong)}: not used by {args.checkpoint}, which holds {holds} model ({model.name!r})")
+    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k) is not None}
+    if options and model.name not in ("ddpm", "cond-ddpm"):
+        raise ValueError(f"{' '.join('--' + k for k in options)}: only for diffusion models, but {args.checkpoint} holds {model.name!r}")
+    if options.get("steps") is not None and options.get("sampler") != "ddim":
+        raise ValueError("--steps chooses the number of DDIM steps: add --sampler ddim (the ancestral sampler runs all T steps)")
     generator = torch.Generator().manual_seed(args.seed)
     loss = model.config["kwargs"].get("loss")  # GANs: nonsaturating or wgan-gp
     sections, what = [], f"{args.n} samples of {model.name} ({kind}{f', loss {loss}' if loss else ''})"
     if kind == "unconditional":
-        sections.append((model.sample(args.n, generator=generator), args.cols))
+        sections.append((model.sample(args.n, generator=generator, **options), args.cols))
     elif kind == "conditional":
         labels = _labels(args, model.n_classes)
         y = torch.tensor([labels[i % len(labels)] for i in range(args.n)])
-        sections.append((model.sample(y, generator=generator), len(labels)))
+        sections.append((model.sample(y, generator=generator, **options), len(labels)))
         names = model.training_info.get("training", {}).get("class_names")
         what += ", one column per class: " + ", ".join(f"{y}" + (f" {names[y]}" if names else "") for y in labels)
     else:
@@ -165,5 +176,5 @@ def run(args) -> int:
     out = Path(args.out)
     with atomic_write(out) as tmp:
         grid_image(sections, args.scale).save(tmp, format="PNG")
-    print(f"wrote {out}: {what}, seed {args.seed}")
+    print(f"wrote {out}: {what}, seed {args.seed}" + "".join(f", {k} {v}" for k, v in options.items()))
     return 0

@@ -208,6 +208,48 @@ def train_adversarial(method_name: str) -> TrainFn:
     return train
 
 
+def diffusion_hyperparameters(budget: Budget, conditional: bool = False) -> dict[str, Any]:
+    """Training size of the ``ddpm`` (and, with ``conditional=True``, ``cond-ddpm``) METHOD per
+    budget: :func:`fsl_course.diffusion.train_diffusion`, Adam, gradient norm clipped to 1, a
+    1,000-step cosine schedule, the default :class:`~fsl_course.diffusion.UNet`; the ``cond-ddpm``
+    drops the label with probability 0.1 (classifier-free guidance).
+
+    * smoke: seconds.
+    * standard: about 3-4 minutes on a 2-core CPU (about 0.25 s per step of 64 images).
+    * full: a GPU, 50,000 steps at batch 128 (still far fewer images than Ho et al. 2020).
+    """
+    steps, batch_size, lr = budget.pick(smoke=(3, 16, 2e-3), standard=(800, 64, 2e-3), full=(50_000, 128, 2e-4))
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "num_steps": 1000, "schedule": "cosine",
+            **({"p_uncond": 0.1} if conditional else {})}
+
+
+def train_denoising(method_name: str) -> TrainFn:
+    """A diffusion METHOD: ``"ddpm"`` (:class:`~fsl_course.diffusion.DDPM`) or ``"cond-ddpm"``
+    (:class:`~fsl_course.diffusion.ConditionalDDPM` over the dataset's classes), fitted with
+    :func:`fsl_course.diffusion.train_diffusion`. ``info`` records the hyperparameters and the
+    mean noise-prediction loss of the last 100 steps (``final_mse``)."""
+    if method_name not in ("ddpm", "cond-ddpm"):
+        raise ValueError(f"unknown diffusion method {method_name!r}")
+
+    def train(dataset, budget, device, seed, progress):
+        from fsl_course.diffusion import DDPM, ConditionalDDPM, train_diffusion
+
+        hyperparameters = diffusion_hyperparameters(budget, conditional=method_name == "cond-ddpm")
+        architecture = {k: hyperparameters.pop(k) for k in ("num_steps", "schedule")}
+        if method_name == "cond-ddpm":
+            model = ConditionalDDPM(dataset.n_classes, **architecture)
+        else:
+            model = DDPM(**architecture)
+        history = train_diffusion(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
+        tail = min(100, len(history["loss"]))
+        info = {**hyperparameters, **architecture, "final_mse": sum(history["loss"][-tail:]) / tail}
+        if method_name == "cond-ddpm" and getattr(dataset, "class_names", None) is not None:
+            info["class_names"] = list(dataset.class_names)  # label y is class_names[y]
+        return model, info
+
+    return train
+
+
 #: learner METHOD name (as typed on the command line, and the learner's registry name) -> how to train it
 METHODS: dict[str, Method] = {
     "pixel-nn": Method("1-nearest neighbour on raw pixels (nothing to train)", nothing_to_train(PixelNearestNeighbour)),
@@ -247,6 +289,15 @@ GENERATIVE_METHODS: dict[str, Method] = {
         "class-conditional DCGAN with a projection discriminator and an auxiliary classifier, on the plain training classes, never rotations "
         "(Mirza & Osindero 2014; Miyato & Koyama 2018; Odena et al. 2017)",
         train_adversarial("cgan"),
+        "generative",
+        rotations=False,
+    ),
+    "ddpm": Method("denoising diffusion model, noise-prediction loss, cosine schedule (Ho et al. 2020; Nichol & Dhariwal 2021)",
+                   train_denoising("ddpm"), "generative"),
+    "cond-ddpm": Method(
+        "class-conditional DDPM with label dropout for classifier-free guidance, on the plain training classes, never rotations "
+        "(Ho & Salimans 2022)",
+        train_denoising("cond-ddpm"),
         "generative",
         rotations=False,
     ),
@@ -325,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
         last = f"mean of the last {min(100, info['steps'])} steps"
         if "final_loss" in info:
             print(f"final loss {info['final_loss']:.2f} nats per image ({last})")
+        elif "final_mse" in info:
+            print(f"final noise-prediction loss {info['final_mse']:.4f} ({last})")
         else:
             d_name = "critic" if info.get("loss") == "wgan-gp" else "discriminator"
             print(f"final losses: {d_name} {info['final_d_loss']:.3f}, generator {info['final_g_loss']:.3f} ({last})")

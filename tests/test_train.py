@@ -9,6 +9,7 @@ import torch
 from fsl_course import load_checkpoint
 from fsl_course import train as train_module
 from fsl_course.cli import main
+from fsl_course.generative import load_model
 from fsl_course.meta import LEARNERS, load_learner
 
 
@@ -77,6 +78,48 @@ def test_the_same_seed_gives_the_same_gan_checkpoint(method, tiny_data, tmp_path
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
     assert not all(torch.equal(value, states[2][key]) for key, value in states[0].items())
+
+
+def test_diffusion_methods_have_budgets_that_grow():
+    assert train_module.GENERATIVE_METHODS["cond-ddpm"].rotations is False  # labels are the plain classes
+    assert train_module.GENERATIVE_METHODS["ddpm"].rotations is None
+    for conditional in (False, True):
+        smoke, standard, full = (train_module.diffusion_hyperparameters(train_module.Budget(name), conditional)
+                                 for name in ("smoke", "standard", "full"))
+        assert smoke["steps"] < 10 <= 100 < standard["steps"] < full["steps"] and full["steps"] >= 10_000
+        assert smoke.keys() == standard.keys() == full.keys() and ("p_uncond" in smoke) == conditional
+    with pytest.raises(ValueError, match="unknown diffusion method"):
+        train_module.train_denoising("score-sde")
+
+
+@pytest.mark.parametrize("method", ["ddpm", "cond-ddpm"])
+def test_the_same_seed_gives_the_same_diffusion_checkpoint_which_loads_and_samples(method, tiny_data, tmp_path):
+    states = []
+    for name, seed in (("a.pt", "4"), ("b.pt", "4"), ("c.pt", "7")):
+        assert main(["train", method, "--budget", "smoke", "--out", str(tmp_path / name), "--seed", seed]) == 0
+        states.append(load_checkpoint(tmp_path / name)[0])
+    assert all(torch.equal(value, states[1][key]) for key, value in states[0].items())
+    assert not all(torch.equal(value, states[2][key]) for key, value in states[0].items())
+    model = load_model(tmp_path / "a.pt", device="cpu")
+    config = load_checkpoint(tmp_path / "a.pt")[1]
+    assert config["training"]["final_mse"] > 0 and config["training"]["schedule"] == "cosine"
+    first = model.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3) if method == "ddpm" else \
+        model.sample(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3, guidance=1.0)
+    assert first.shape == (2, 1, 28, 28) and 0 <= first.min() and first.max() <= 1
+
+
+def test_fsl_course_sample_takes_the_diffusion_options(tiny_data, tmp_path, capsys):
+    ckpt, grid = tmp_path / "c.pt", tmp_path / "g.png"
+    assert main(["train", "cond-ddpm", "--budget", "smoke", "--out", str(ckpt)]) == 0
+    argv = ["sample", str(ckpt), "--n", "4", "--labels", "0,1", "--out", str(grid), "--scale", "1", "--device", "cpu"]
+    assert main([*argv, "--sampler", "ddim", "--steps", "4", "--guidance", "3"]) == 0
+    assert grid.exists() and "sampler ddim, steps 4, guidance 3.0" in capsys.readouterr().out
+    assert main([*argv, "--steps", "4"]) != 0
+    assert "add --sampler ddim" in capsys.readouterr().err
+    gan = tmp_path / "gan.pt"
+    assert main(["train", "dcgan", "--budget", "smoke", "--out", str(gan)]) == 0
+    assert main(["sample", str(gan), "--out", str(grid), "--guidance", "1"]) != 0
+    assert "only for diffusion models" in capsys.readouterr().err
 
 
 def test_train_help_lists_the_gan_methods(capsys):
