@@ -423,3 +423,291 @@ def test_every_bank_module_belongs_to_a_solution():
     modules = {p.stem for p in Path(fsl_course.checks.__file__).parent.glob("ex*.py")}
     assert modules == {f"ex{p.name[:2]}" for p in SOLUTIONS}
     assert all(ast.parse((Path(fsl_course.checks.__file__).parent / f"{m}.py").read_text()) for m in modules)
+
+
+# --------------------------------------------------------------------------- typical mistakes, exercise 06
+
+ex06 = importlib.import_module("fsl_course.checks.ex06")
+SOLUTION_06_PATH = ROOT / "solutions" / "06_ddpm_from_the_variational_bound.ipynb"
+SOLUTION_06 = solution_functions(SOLUTION_06_PATH)
+
+
+def notebook_06(source: str, **names) -> dict:
+    """A fresh notebook namespace of exercise 06 (its imports, ``per_sample`` and the solution's functions),
+    with ``names`` bound and then ``source`` run in it, as if typed into a solution cell."""
+    import textwrap
+
+    namespace = dict(SOLUTION_06)
+    namespace.update(names)
+    exec(compile(textwrap.dedent(source), "<exercise 06 cell>", "exec"), namespace)
+    return namespace
+
+
+def hidden_tests_06(grade_id: str) -> str:
+    """The hidden part of the test cell ``grade_id`` of solution 06."""
+    nb = nbformat.read(SOLUTION_06_PATH, as_version=4)
+    (cell,) = [c for c in nb.cells if exercises.nbgrader_meta(c).get("grade_id") == grade_id]
+    return cell.source.split("### BEGIN HIDDEN TESTS")[1].split("### END HIDDEN TESTS")[0]
+
+
+def run_hidden_06(name: str, namespace: dict) -> None:
+    """Run the hidden tests of ``test_NAME`` in ``namespace`` (in this process, without the grader)."""
+    exec(compile(hidden_tests_06(f"test_{name}"), f"<hidden tests of {name}>", "exec"), namespace)
+
+
+def wrong_06(name: str, source: str) -> tuple[dict, object]:
+    """(the namespace, the function ``name``) of a notebook where ``source`` defines ``name`` wrongly."""
+    namespace = notebook_06(source)
+    return namespace, namespace[name]
+
+
+MAKE_SCHEDULE = """
+def make_schedule(num_steps, kind="linear"):
+    if kind == "linear":
+        betas = {linear}
+    else:
+        s = {s}
+        steps = torch.arange({grid}, dtype=torch.float64)
+        f = {f}
+        abar = f / f[0]
+        {cosine_betas}
+    {ret}
+"""
+SCHEDULE_RIGHT = dict(linear="torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64)", s="0.008", grid="num_steps + 1",
+                      f="torch.cos((steps / num_steps + s) / (1 + s) * math.pi / 2) ** 2",
+                      cosine_betas="betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)",
+                      ret="return betas, torch.cumprod(1 - betas, dim=0)")
+
+
+def schedule_variant(**changes) -> str:
+    return MAKE_SCHEDULE.format(**{**SCHEDULE_RIGHT, **changes})
+
+
+Q_SAMPLE = """
+def q_sample(x0, t, noise, alphas_cumprod):
+    {body}
+"""
+POSTERIOR = """
+def posterior_mean_variance(x0, xt, t, betas, alphas_cumprod):
+    abar_prev = {abar_prev}
+    coef_x0 = {coef_x0}
+    coef_xt = {coef_xt}
+    variance = {variance}
+    mean = per_sample(coef_x0, t, x0) * x0 + per_sample(coef_xt, t, x0) * xt
+    return mean, {variance_out}
+"""
+POSTERIOR_RIGHT = dict(abar_prev="torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])",
+                       coef_x0="betas * abar_prev.sqrt() / (1 - alphas_cumprod)",
+                       coef_xt="(1 - abar_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod)",
+                       variance="betas * (1 - abar_prev) / (1 - alphas_cumprod)",
+                       variance_out="per_sample(variance, t, x0).expand_as(x0)")
+
+
+def posterior_variant(**changes) -> str:
+    return POSTERIOR.format(**{**POSTERIOR_RIGHT, **changes})
+
+
+LOSS = """
+def noise_prediction_loss(eps_model, x0, alphas_cumprod, generator=None):
+    {draws}
+    xt = q_sample(x0, t, eps, alphas_cumprod)
+    return {loss}
+"""
+LOSS_RIGHT = dict(draws="t = torch.randint(len(alphas_cumprod), (len(x0),), generator=generator); "
+                        "eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)",
+                  loss="F.mse_loss(eps_model(xt, t), eps)")
+
+
+def loss_variant(**changes) -> str:
+    return LOSS.format(**{**LOSS_RIGHT, **changes})
+
+
+STEP = """
+def ancestral_step(eps, xt, t, betas, alphas_cumprod, noise):
+    beta, abar = per_sample(betas, t, xt), per_sample(alphas_cumprod, t, xt)
+    mean = {mean}
+    later = {later}
+    return mean + later * {sigma} * noise
+"""
+STEP_RIGHT = dict(mean="(xt - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()",
+                  later="(t > 0).to(xt.dtype).reshape(-1, *([1] * (xt.ndim - 1)))", sigma="beta.sqrt()")
+
+
+def step_variant(**changes) -> str:
+    return STEP.format(**{**STEP_RIGHT, **changes})
+
+
+# (function name, wrong source, a piece of the visible check's message or None where the visible checks pass)
+MISTAKES_06 = [
+    # Part A
+    ("make_schedule", schedule_variant(linear="torch.linspace(0.02, 1e-4, num_steps, dtype=torch.float64)"),
+     "check 3 failed: linear, T = 3: betas = linspace(1e-4, 0.02, 3) = [0.0001, 0.01005, 0.02], got [0.02, 0.01005, 0.0001]. "
+     "hint: the betas grow"),
+    ("make_schedule", schedule_variant(linear="torch.linspace(1e-4, 0.02, num_steps)",
+                                       grid="num_steps + 1", s="0.008").replace("dtype=torch.float64", "dtype=torch.float32"),
+     "check 5 failed: the schedule is computed and returned in float64, got torch.float32 and torch.float32"),
+    ("make_schedule", schedule_variant(linear="1e-4 + (0.02 - 1e-4) * torch.arange(num_steps, dtype=torch.float64) / num_steps"),
+     "hint: T values from 1e-4 to 0.02, both included"),
+    ("make_schedule", schedule_variant(ret="return betas, 1 - betas"), "hint: that is alpha_t = 1 - beta_t; abar_t is the running product"),
+    ("make_schedule", schedule_variant(ret="return betas, torch.cumprod(betas, dim=0)"), "hint: the cumulative product of the alphas"),
+    ("make_schedule", schedule_variant(ret="return betas, torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)[:-1]])"),
+     "hint: 0-based: alphas_cumprod[0] is abar_1 = 1 - beta_1"),
+    ("make_schedule", schedule_variant(cosine_betas="betas = 1 - abar[1:] / abar[:-1]"), "hint: clip the betas at 0.999"),
+    ("make_schedule", schedule_variant(cosine_betas="betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999); return betas, abar[1:]"),
+     "hint: recompute alphas_cumprod = torch.cumprod(1 - betas, dim=0) *after* clipping"),
+    ("make_schedule", schedule_variant(grid="num_steps", cosine_betas="betas = (1 - abar / torch.cat([abar[:1], abar[:-1]])).clamp(max=0.999)"),
+     "hint: beta_1 is 0: abar(t) for t = 1..T is what the schedule stores"),
+    ("make_schedule", schedule_variant(s="0.0"), "hint: the offset s = 0.008 inside the cosine"),
+    ("make_schedule", schedule_variant(f="torch.cos((steps / num_steps + s) / (1 + s) * math.pi / 2)"),
+     "check 8 failed: cosine, T = 2: f(0) = 0.999845, f(1) = 0.493767, f(2) = cos(pi / 2)^2 = 0, so beta_1 = 1 - f(1) / f(0) = 0.506156"),
+    ("make_schedule", schedule_variant().replace('kind="linear"', 'kind="cosine"'), None),  # hidden: the default kind
+    # Part B
+    ("q_sample", Q_SAMPLE.format(body="abar = per_sample(alphas_cumprod, t, x0); return abar * x0 + (1 - abar) * noise"),
+     "hint: the square roots: the coefficients are standard deviations"),
+    ("q_sample", Q_SAMPLE.format(body="abar = per_sample(alphas_cumprod, t - 1, x0); return abar.sqrt() * x0 + (1 - abar).sqrt() * noise"),
+     "hint: 0-based timesteps: sample 0 has t = 1, so abar = alphas_cumprod[1] = 0.36"),
+    ("q_sample", Q_SAMPLE.format(body="abar = per_sample(alphas_cumprod, t + 1, x0); return abar.sqrt() * x0 + (1 - abar).sqrt() * noise"),
+     "raised IndexError: index 2 is out of bounds for dimension 0 with size 2. hint: timesteps are 0-based"),
+    ("q_sample", Q_SAMPLE.format(body="abar = per_sample(alphas_cumprod, t, x0); return (1 - abar).sqrt() * x0 + abar.sqrt() * noise"),
+     "hint: sqrt(abar_t) multiplies x_0 and sqrt(1 - abar_t) the noise"),
+    ("q_sample", Q_SAMPLE.format(body="abar = alphas_cumprod[t[0]].to(x0.dtype); return abar.sqrt() * x0 + (1 - abar).sqrt() * noise"),
+     "hint: one abar per sample, alphas_cumprod[t] with the whole (B,) tensor t"),
+    ("q_sample", Q_SAMPLE.format(body="abar = alphas_cumprod[t].to(x0.dtype); return abar.sqrt() * x0 + (1 - abar).sqrt() * noise"),
+     "raised RuntimeError: The size of tensor a (2) must match the size of tensor b (3) at non-singleton dimension 1. hint: "
+     "schedule values picked at t have shape (B,); reshape them to (B, 1, ..., 1)"),
+    ("q_sample", Q_SAMPLE.format(body="abar = alphas_cumprod[t].to(x0.dtype)[:, None]; return abar.sqrt() * x0 + (1 - abar).sqrt() * noise"),
+     "check 6 failed: q_sample on images (3, 1, 2, 2) raised RuntimeError"),
+    ("q_sample", Q_SAMPLE.format(body="abar = alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1))); return abar.sqrt() * x0 + (1 - abar).sqrt() * noise"),
+     "check 3 failed: float32 data with the float64 schedule gives float32 x_t, got torch.float64"),
+    # Part C
+    ("posterior_mean_variance", posterior_variant(coef_x0=POSTERIOR_RIGHT["coef_xt"], coef_xt=POSTERIOR_RIGHT["coef_x0"]),
+     "hint: the two coefficients are swapped"),
+    ("posterior_mean_variance", posterior_variant(abar_prev="alphas_cumprod"), "hint: abar_{t-1} is the previous step's"),
+    ("posterior_mean_variance", posterior_variant(coef_xt="(1 - abar_prev) * (1 - betas) / (1 - alphas_cumprod)"),
+     "hint: sqrt(alpha_t) in the coefficient of x_t, not alpha_t"),
+    ("posterior_mean_variance", posterior_variant(variance="betas"), "hint: that is beta_t, the forward step's variance"),
+    ("posterior_mean_variance", posterior_variant(variance="(betas * (1 - abar_prev) / (1 - alphas_cumprod)).sqrt()"),
+     "hint: return the variance beta~_t, not the standard deviation"),
+    ("posterior_mean_variance", posterior_variant(abar_prev="alphas_cumprod.roll(1)"),
+     "hint: alphas_cumprod[k - 1] with k = 0 is alphas_cumprod[-1], the *last* step's abar"),
+    ("posterior_mean_variance", posterior_variant(variance_out="per_sample(variance, t, x0)"),
+     "check 2 failed: x0 and xt of shape (3, 2) give a mean and a variance of shape (3, 2), got (3, 2) and (3, 1)"),
+    ("posterior_mean_variance", posterior_variant(variance_out="variance[t]"),
+     "got (3, 2) and (3,). hint: the coefficients are (B, 1, ..., 1) (per_sample)"),
+    ("posterior_mean_variance", posterior_variant(variance_out="per_sample(variance, t, x0).expand_as(x0)").replace(
+        "return mean,", "return mean.double(),"), "check 6 failed: float32 data with the float64 schedule gives float32 results"),
+    # Part D
+    ("noise_prediction_loss", loss_variant(loss="((eps_model(xt, t) - eps) ** 2).sum()"), "hint: the mean, not the sum"),
+    ("noise_prediction_loss", loss_variant(loss="((eps_model(xt, t) - eps) ** 2).flatten(1).sum(1).mean()"),
+     "hint: the mean over every element (F.mse_loss), not the per-sample sum"),
+    ("noise_prediction_loss", loss_variant(loss="F.mse_loss(eps_model(xt, t), x0)"), "hint: the model predicts the noise eps, not x_0"),
+    ("noise_prediction_loss", loss_variant(loss="F.mse_loss(eps_model(xt, t), eps).sqrt()"), "hint: the mean of the squared errors, no square root"),
+    ("noise_prediction_loss", loss_variant(draws="eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype); "
+                                                 "t = torch.randint(len(alphas_cumprod), (len(x0),), generator=generator)"),
+     "hint: draw t first, with the generator you were given"),
+    ("noise_prediction_loss", loss_variant(draws="t = torch.randint(len(alphas_cumprod), (len(x0),)); eps = torch.randn(x0.shape, dtype=x0.dtype)"),
+     "check 4 failed: with this generator, t = torch.randint(T, (B,), generator=generator) gives"),
+    ("noise_prediction_loss", loss_variant(draws="t = torch.randint(1, len(alphas_cumprod) + 1, (len(x0),), generator=generator); "
+                                                 "eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)"),
+     "t must hold 0-based timesteps 0..1, got values in [1, 2]"),
+    ("noise_prediction_loss", loss_variant(draws="t = torch.randint(len(alphas_cumprod), (1,), generator=generator).expand(len(x0)); "
+                                                 "eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)"),
+     "check 4 failed: with this generator, t = torch.randint(T, (B,), generator=generator) gives"),
+    ("noise_prediction_loss", loss_variant(loss="F.mse_loss(eps_model(x0, t), eps)"), "check 5 failed: the model must see x_t"),
+    ("noise_prediction_loss", loss_variant(loss="F.mse_loss(eps_model(xt, t).detach(), eps)"),
+     "the loss must be differentiable in the model's parameters"),
+    ("noise_prediction_loss", loss_variant(draws="t = torch.randint(len(alphas_cumprod), (len(x0),), generator=generator); "
+                                                 "eps = torch.randn(x0.shape, generator=generator)"),
+     "check 12 failed: float64 data: the model must see a float64 x_t made with float64 noise"),
+    # Part E
+    ("ancestral_step", step_variant(mean="xt - beta / (1 - abar).sqrt() * eps"), "hint: divide by sqrt(alpha_t)"),
+    ("ancestral_step", step_variant(mean="(xt - (1 - abar).sqrt() * eps) / abar.sqrt()"),
+     "hint: the coefficient of eps is beta_t / sqrt(1 - abar_t), not sqrt(1 - abar_t)"),
+    ("ancestral_step", step_variant(mean="(xt - beta / (1 - abar) * eps) / (1 - beta).sqrt()"), "hint: sqrt(1 - abar_t) under beta_t"),
+    ("ancestral_step", step_variant(later="1"), "hint: no noise at t = 0 (the paper's t = 1): the last step returns the mean"),
+    ("ancestral_step", step_variant(sigma="beta"), "hint: sigma_t is the standard deviation sqrt(beta_t)"),
+    ("ancestral_step", step_variant(sigma="(beta * (1 - torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]]))[t].to(xt.dtype)"
+                                          ".reshape(-1, *([1] * (xt.ndim - 1))) / (1 - abar)).sqrt()"),
+     "hint: here sigma_t^2 = beta_t (Ho et al.'s first choice), not the posterior's beta~_t"),
+    ("ancestral_step", step_variant(later="float(t[0] > 0)"), "hint: no noise at t = 0 (the paper's t = 1)"),
+    ("ancestral_step", step_variant(later="float(t[0] > 0)").replace(
+        "per_sample(betas, t, xt), per_sample(alphas_cumprod, t, xt)", "betas[t[0]].to(xt.dtype), alphas_cumprod[t[0]].to(xt.dtype)"),
+     "hint: per sample: each sample uses its own t"),
+    ("ancestral_step", step_variant(later="float(bool((t > 0).all()))"), "hint: drop the noise only where t = 0"),
+    ("ancestral_step", step_variant().replace("per_sample(betas, t, xt), per_sample(alphas_cumprod, t, xt)",
+                                              "per_sample(betas, t - 1, xt), per_sample(alphas_cumprod, t - 1, xt)"),
+     "hint: 0-based: t = 1 is index 1 of the schedule"),
+    ("ancestral_step", step_variant().replace("per_sample(betas, t, xt), per_sample(alphas_cumprod, t, xt)",
+                                              "betas[t].reshape(-1, *([1] * (xt.ndim - 1))), alphas_cumprod[t].reshape(-1, *([1] * (xt.ndim - 1)))"),
+     "check 5 failed: float32 x_t with the float64 schedule gives a float32 x_(t-1), got torch.float64"),
+    ("ancestral_step", step_variant(mean="posterior_mean_variance(((xt - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1), xt, t, "
+                                         "betas, alphas_cumprod)[0]"),
+     "check 2 failed: zero noise at index 1 (the paper's t = 2)"),
+]
+
+
+@pytest.mark.parametrize("name, source, message", [m for m in MISTAKES_06 if m[2] is not None],
+                         ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES_06) if m[2] is not None])
+def test_ex06_a_typical_mistake_fails_the_visible_check_with_one_line_and_a_hint(name, source, message):
+    _, wrong = wrong_06(name, source)
+    with pytest.raises(CheckFailed) as failed:
+        getattr(ex06, name)(wrong)
+    text = str(failed.value)
+    assert text.startswith(f"{name}: check ") and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("name, source", [m[:2] for m in MISTAKES_06], ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES_06)])
+def test_ex06_a_typical_mistake_fails_the_hidden_tests(name, source):
+    namespace, _ = wrong_06(name, source)
+    with pytest.raises(Exception):  # an assertion, or the wrong function's own error
+        run_hidden_06(name, namespace)
+
+
+RIGHT_06 = [  # other right answers: they pass the visible checks and the hidden tests
+    ("make_schedule", schedule_variant(linear="1e-4 + (0.02 - 1e-4) * torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)")),
+    ("q_sample", Q_SAMPLE.format(body="abar = alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1))); "
+                                      "return abar.sqrt() * x0 + (1 - abar).sqrt() * noise")),
+    ("posterior_mean_variance", """
+        def posterior_mean_variance(x0, xt, t, betas, alphas_cumprod):  # per_sample first, then the formula in x0's dtype
+            abar_prev = per_sample(torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]]), t, x0)
+            abar, beta = per_sample(alphas_cumprod, t, x0), per_sample(betas, t, x0)
+            mean = beta * abar_prev.sqrt() / (1 - abar) * x0 + (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar) * xt
+            return mean, (beta * (1 - abar_prev) / (1 - abar)).expand_as(x0)
+    """),
+    ("noise_prediction_loss", loss_variant(loss="((eps_model(xt, t) - eps) ** 2).mean()")),
+    ("ancestral_step", step_variant(mean="posterior_mean_variance((xt - (1 - abar).sqrt() * eps) / abar.sqrt(), xt, t, betas, alphas_cumprod)[0]",
+                                    later="(t > 0).to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))")),
+]
+
+
+@pytest.mark.parametrize("name, source", RIGHT_06, ids=[r[0] for r in RIGHT_06])
+def test_ex06_other_right_answers_pass_the_visible_checks_and_the_hidden_tests(name, source, capsys):
+    namespace, right = wrong_06(name, source)
+    getattr(ex06, name)(right)
+    assert "visible checks passed" in capsys.readouterr().out
+    run_hidden_06(name, namespace)
+
+
+def test_the_solution_06_passes_its_hidden_tests():
+    for name in ("make_schedule", "q_sample", "posterior_mean_variance", "noise_prediction_loss", "ancestral_step"):
+        run_hidden_06(name, dict(SOLUTION_06))
+
+
+BROKEN_Q_SAMPLE = Q_SAMPLE.format(body="return x0 + noise")
+BROKEN_POSTERIOR = posterior_variant(coef_x0="betas", variance="betas")
+
+
+@pytest.mark.parametrize("name", ["noise_prediction_loss", "ancestral_step"])
+def test_ex06_parts_d_and_e_are_graded_on_their_own(name, capsys):
+    """A wrong q_sample (Part B) or posterior (Part C) in the notebook costs nothing in Parts D and E, visible and
+    hidden, and is back in place afterwards."""
+    nb = nbformat.read(SOLUTION_06_PATH, as_version=4)
+    (cell,) = [c for c in nb.cells if exercises.nbgrader_meta(c).get("grade_id") == name]
+    namespace = notebook_06(BROKEN_Q_SAMPLE + BROKEN_POSTERIOR)
+    broken = namespace["q_sample"], namespace["posterior_mean_variance"]
+    exec(compile(cell.source, f"<{name}>", "exec"), namespace)
+    getattr(ex06, name)(namespace[name])
+    assert "visible checks passed" in capsys.readouterr().out
+    assert (namespace["q_sample"], namespace["posterior_mean_variance"]) == broken
+    run_hidden_06(name, namespace)
+    assert (namespace["q_sample"], namespace["posterior_mean_variance"]) == broken

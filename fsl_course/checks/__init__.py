@@ -19,6 +19,7 @@ function and an :class:`Expect`; each ``expect(condition, message)`` is one chec
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from typing import Callable
 
 
@@ -60,3 +61,28 @@ def visible_check(check: Callable) -> Callable:
         print(f"✓ {check.__name__}: {expect.passed} visible checks passed")
 
     return run
+
+
+_MISSING = object()
+
+
+@contextmanager
+def bound_in_globals_of(function: Callable, values: dict):
+    """Bind ``values`` (name -> object) in ``function``'s module globals (for a learner's function:
+    the notebook) while the block runs, then restore what was there (or remove names that were not).
+    Used to grade a later part of an exercise with right answers for the earlier parts it calls.
+    Does nothing for a callable without ``__globals__``."""
+    namespace = getattr(function, "__globals__", None)
+    if not isinstance(namespace, dict):
+        yield
+        return
+    saved = {name: namespace.get(name, _MISSING) for name in values}
+    namespace.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is _MISSING:
+                namespace.pop(name, None)
+            else:
+                namespace[name] = value

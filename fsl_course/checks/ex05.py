@@ -23,12 +23,11 @@ fails only that part's check. The hidden tests of Part D do the same.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from fsl_course.checks import visible_check
+from fsl_course.checks import bound_in_globals_of, visible_check
 from fsl_course.checks.losses import LOG_2, softplus
 from fsl_course.checks.losses import gradients as _grad
 from fsl_course.checks.losses import is_scalar as _scalar
@@ -352,9 +351,6 @@ class _PairCritic(nn.Module):
 
 # --------------------------------------------------------------------------- Part D
 
-_MISSING = object()
-
-
 def _critic_loss_of_part_a(real_scores, fake_scores):
     """Part A's loss, in the learner's namespace while Part D is checked."""
     return fake_scores.mean() - real_scores.mean()
@@ -374,24 +370,10 @@ def _penalty_of_the_linear_pair_critic(critic, real, fake, generator=None, weigh
     return weight * (critic.w.norm() - 1) ** 2
 
 
-@contextmanager
 def _parts_a_and_c_in_place(function):
     """Bind ``critic_loss`` and ``gradient_penalty`` in ``function``'s module (the notebook) to the two
     functions above while the block runs, then restore what was there."""
-    namespace = getattr(function, "__globals__", None)
-    if not isinstance(namespace, dict):
-        yield
-        return
-    saved = {name: namespace.get(name, _MISSING) for name in ("critic_loss", "gradient_penalty")}
-    namespace.update(critic_loss=_critic_loss_of_part_a, gradient_penalty=_penalty_of_the_linear_pair_critic)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is _MISSING:
-                namespace.pop(name, None)
-            else:
-                namespace[name] = value
+    return bound_in_globals_of(function, {"critic_loss": _critic_loss_of_part_a, "gradient_penalty": _penalty_of_the_linear_pair_critic})
 
 
 
