@@ -104,6 +104,7 @@ from fsl_course.generative import (
     check_labels,
     check_same_shape,
     check_tensor,
+    dense_images,
     register_model,
     standard_normal,
 )
@@ -1131,13 +1132,9 @@ def train_diffusion(
     """
     if not isinstance(model, (DDPM, ConditionalDDPM)):
         raise TypeError(f"train_diffusion trains a DDPM or a ConditionalDDPM, got {type(model).__name__}")
-    images = getattr(dataset, "images", dataset)
-    if not isinstance(images, torch.Tensor) or images.ndim != 5 or tuple(images.shape[2:]) != IMAGE_SHAPE:
-        raise ValueError("dataset must be a FewShotDataset or a dense (C, n, 1, 28, 28) image tensor")
-    n_classes, n_per_class = images.shape[:2]
+    images = dense_images(dataset, model)
+    n_per_class = images.shape[1]
     conditional = isinstance(model, ConditionalDDPM)
-    if conditional and model.n_classes != n_classes:
-        raise ValueError(f"the ConditionalDDPM has {model.n_classes} classes but the dataset {n_classes}")
     steps, batch_size = check_count("steps", steps), check_count("batch_size", batch_size)
     p_uncond = _real("p_uncond", p_uncond, low=0.0, high=1.0)
     if grad_clip is not None:

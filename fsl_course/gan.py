@@ -67,6 +67,7 @@ from fsl_course.generative import (
     check_labels,
     check_same_shape,
     check_tensor,
+    dense_images,
     register_model,
     standard_normal,
 )
@@ -654,12 +655,8 @@ def train_gan(
     """
     if not isinstance(model, (GAN, ConditionalGAN)):
         raise TypeError(f"train_gan trains a GAN or a ConditionalGAN, got {type(model).__name__}")
-    images = getattr(dataset, "images", dataset)
-    if not isinstance(images, torch.Tensor) or images.ndim != 5 or tuple(images.shape[2:]) != IMAGE_SHAPE:
-        raise ValueError("dataset must be a FewShotDataset or a dense (C, n, 1, 28, 28) image tensor")
-    n_classes, n_per_class = images.shape[:2]
-    if isinstance(model, ConditionalGAN) and model.n_classes != n_classes:
-        raise ValueError(f"the ConditionalGAN has {model.n_classes} classes but the dataset {n_classes}")
+    images = dense_images(dataset, model)
+    n_per_class = images.shape[1]
     steps, batch_size = check_count("steps", steps), check_count("batch_size", batch_size)
     critic_steps = check_count("critic_steps", critic_steps)
     flat = rearrange(images, "c n ch h w -> (c n) ch h w")

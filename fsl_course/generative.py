@@ -64,6 +64,19 @@ class GenerativeModel(Rebuildable):
 IMAGE_SHAPE = (1, 28, 28)
 
 
+def dense_images(dataset, model=None) -> torch.Tensor:
+    """The training images of ``dataset``, a :class:`~fsl_course.data.FewShotDataset` or a dense
+    ``(C, n, 1, 28, 28)`` tensor (class ``c`` has label ``c``). A class-conditional ``model``
+    (``n_classes`` not None) must have ``C`` classes."""
+    images = getattr(dataset, "images", dataset)
+    if not isinstance(images, torch.Tensor) or images.ndim != 5 or tuple(images.shape[2:]) != IMAGE_SHAPE:
+        raise ValueError("dataset must be a FewShotDataset or a dense (C, n, 1, 28, 28) image tensor")
+    n_classes = getattr(model, "n_classes", None)
+    if n_classes is not None and n_classes != images.shape[0]:
+        raise ValueError(f"the {type(model).__name__} has {n_classes} classes but the dataset {images.shape[0]}")
+    return images
+
+
 def check_tensor(name: str, value, *, floating: bool = True, min_ndim: int = 1) -> None:
     """Raise a clear error unless ``value`` is a tensor (floating if asked) with at least ``min_ndim`` dims."""
     if not isinstance(value, torch.Tensor):

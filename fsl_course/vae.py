@@ -53,6 +53,7 @@ from fsl_course.generative import (
     check_labels,
     check_same_shape,
     check_tensor,
+    dense_images,
     register_model,
     standard_normal,
 )
@@ -840,12 +841,8 @@ def train_vae(
             samples, :func:`fsl_course.metrics.conditional_accuracy`): 9.8% after 500 steps
             at 10x, 0.5% at 1x.
     """
-    images = getattr(dataset, "images", dataset)
-    if not isinstance(images, torch.Tensor) or images.ndim != 5 or tuple(images.shape[2:]) != IMAGE_SHAPE:
-        raise ValueError("dataset must be a FewShotDataset or a dense (C, n, 1, 28, 28) image tensor")
+    images = dense_images(dataset, model)
     n_classes, n_per_class = images.shape[:2]
-    if isinstance(model, ConditionalVAE) and model.n_classes != n_classes:
-        raise ValueError(f"the ConditionalVAE has {model.n_classes} classes but the dataset {n_classes}")
     flat = rearrange(images, "c n ch h w -> (c n) ch h w")
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
