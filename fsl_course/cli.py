@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("fsl_course.train", "train a model or few-shot learner and save a checkpoint"),
     "eval": ("fsl_course.evaluation", "learners: episodic accuracy with a 95% CI; generative models: Fréchet distance, few-shot generation scores, NLL"),
     "sample": ("fsl_course.sample", "draw a grid of samples from a generative-model checkpoint"),
+    "adapt": ("fsl_course.few_shot_diffusion", "adapt a pre-trained diffusion model to a new class from K shots (finetune, lora, condition)"),
     "exercises": ("fsl_course.exercises", "build exercises/ from solutions/, or check they are in sync"),
     "grade": ("fsl_course.grading", "grade a submitted exercise notebook against the hidden tests"),
 }

@@ -755,13 +755,16 @@ class UNet(nn.Module):
       label** ("no condition", for classifier-free guidance); ``labels`` are then required.
     * ``cond_dim``: an arbitrary conditioning vector ``cond`` (B, cond_dim), e.g. a support-set
       embedding from a set encoder; ``cond`` is then required.
+    * ``cond_channels``: conditioning *images* ``cond_image`` (B, cond_channels, 28, 28) concatenated
+      to ``x`` as extra input channels (spatial conditioning, e.g. the mean image of a support set);
+      ``cond_image`` is then required.
 
     The output convolution starts at zero, so an untrained net predicts ``eps = 0``. The default
     has 0.37 M parameters (+ 64 per class with ``n_classes``); a forward pass of 64 images is
     about 1.8 G multiply-adds (tens of milliseconds on one CPU core).
     """
 
-    def __init__(self, channels=(16, 32, 64), n_classes: int | None = None, cond_dim: int | None = None):
+    def __init__(self, channels=(16, 32, 64), n_classes: int | None = None, cond_dim: int | None = None, cond_channels: int = 0):
         super().__init__()
         channels = tuple(channels) if isinstance(channels, (tuple, list)) else channels
         if not isinstance(channels, tuple) or len(channels) not in (1, 2, 3):
@@ -775,7 +778,10 @@ class UNet(nn.Module):
         self.time_embedding = TimeEmbedding(max(channels[0], 16), emb_dim)
         self.label_embedding = None if n_classes is None else nn.Embedding(n_classes + 1, emb_dim)
         self.cond_projection = None if cond_dim is None else nn.Linear(cond_dim, emb_dim)
-        self.conv_in = nn.Conv2d(1, channels[0], 3, padding=1)
+        if isinstance(cond_channels, bool) or not isinstance(cond_channels, int) or cond_channels < 0:
+            raise ValueError(f"cond_channels must be an int >= 0, got {cond_channels!r}")
+        self.cond_channels = cond_channels
+        self.conv_in = nn.Conv2d(1 + cond_channels, channels[0], 3, padding=1)
         self.down_blocks, self.downsample = nn.ModuleList(), nn.ModuleList()
         previous = channels[0]
         for c in channels[1:]:
@@ -822,8 +828,9 @@ class UNet(nn.Module):
             emb = emb + self.cond_projection(cond)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` (B, 1, 28, 28), ``t`` (B,) int64 0-based -> predicted noise (B, 1, 28, 28)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                cond_image: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, 1, 28, 28), ``t`` (B,) int64 0-based [, ``labels``, ``cond``, ``cond_image``] -> predicted noise (B, 1, 28, 28)."""
         check_tensor("x", x)
         if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"x must be images of shape (B, 1, 28, 28) in model space [-1, 1], got {tuple(x.shape)}")
@@ -831,6 +838,16 @@ class UNet(nn.Module):
         if t.is_floating_point() or t.dtype == torch.bool or t.ndim != 1 or len(t) != len(x):
             raise ValueError(f"t must be a (B,) = ({len(x)},) integer tensor of 0-based timesteps, got dtype {t.dtype}, shape {tuple(t.shape)}")
         emb = self.embed(t, labels, cond)
+        if self.cond_channels:
+            if cond_image is not None:
+                check_tensor("cond_image", cond_image)
+            if cond_image is None or tuple(cond_image.shape) != (len(x), self.cond_channels, *IMAGE_SHAPE[1:]):
+                got = None if cond_image is None else tuple(cond_image.shape)
+                raise ValueError(f"this UNet needs cond_image of shape (B, {self.cond_channels}, 28, 28) = "
+                                 f"({len(x)}, {self.cond_channels}, 28, 28), got {got}")
+            x = torch.cat([x, cond_image], dim=1)
+        elif cond_image is not None:
+            raise ValueError("this UNet takes no conditioning image (cond_channels=0): call it without cond_image")
         h = self.conv_in(x)
         skips = [h]
         for down, block in zip(self.downsample, self.down_blocks):
@@ -1023,7 +1040,8 @@ def _check_sampler(sampler) -> str:
 
 
 class _DiffusionModel(GenerativeModel):
-    """The parts shared by :class:`DDPM` and :class:`ConditionalDDPM`: ``unet`` and ``schedule``."""
+    """The parts shared by :class:`DDPM`, :class:`ConditionalDDPM` and the set-conditioned model of
+    :mod:`fsl_course.few_shot_diffusion`: ``unet`` and ``schedule``."""
 
     unet: UNet
     schedule: NoiseSchedule
@@ -1033,15 +1051,19 @@ class _DiffusionModel(GenerativeModel):
         return self.unet(x, t, labels=labels, cond=cond)
 
     def _sample(self, n: int, labels, generator, steps, sampler, eta, guidance, variance) -> torch.Tensor:
+        return self._sample_with(self, n, generator, steps, sampler, eta, variance, labels, guidance)
+
+    def _sample_with(self, eps_model, n: int, generator, steps, sampler, eta, variance, labels=None, guidance=None) -> torch.Tensor:
+        """``n`` images in [0, 1] from the noise predictor ``eps_model(x, t[, labels])`` with this model's schedule."""
         _check_sampler(sampler)
         shape = (n, *IMAGE_SHAPE)
         if sampler == "ancestral":
             if steps is not None and steps != self.schedule.num_steps:
                 raise ValueError(f"the ancestral sampler runs all {self.schedule.num_steps} steps; use sampler='ddim' for fewer (got steps={steps})")
-            x = ancestral_sample(self, shape, self.schedule, generator, variance=variance, labels=labels, guidance=guidance)
+            x = ancestral_sample(eps_model, shape, self.schedule, generator, variance=variance, labels=labels, guidance=guidance)
         else:
             steps = min(50, self.schedule.num_steps) if steps is None else steps
-            x = ddim_sample(self, shape, self.schedule, steps, eta=eta, generator=generator, labels=labels, guidance=guidance)
+            x = ddim_sample(eps_model, shape, self.schedule, steps, eta=eta, generator=generator, labels=labels, guidance=guidance)
         return from_tanh_range(x).clamp(0, 1)
 
 
@@ -1142,10 +1164,8 @@ def train_diffusion(
     flat = rearrange(images, "c n ch h w -> (c n) ch h w")
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.unet.parameters(), lr=lr)
-    history: dict[str, list[float]] = {"loss": []}
-    bar = tqdm(range(steps), desc=f"train {model.name or type(model).__name__}", disable=not progress, leave=False)
-    for _ in bar:
+
+    def batch_loss() -> torch.Tensor:
         index = torch.randint(len(flat), (batch_size,), generator=generator)
         x0 = to_tanh_range(flat[index]).to(device)
         labels = None
@@ -1153,15 +1173,32 @@ def train_diffusion(
             labels = index // n_per_class
             drop = torch.rand(batch_size, generator=generator) < p_uncond
             labels = torch.where(drop, torch.full_like(labels, model.n_classes), labels).to(device)
-        loss = noise_prediction_loss(model.unet, x0, model.schedule, generator, labels)
+        return noise_prediction_loss(model.unet, x0, model.schedule, generator, labels)
+
+    history = adam_steps(list(model.unet.parameters()), batch_loss, steps=steps, lr=lr, grad_clip=grad_clip,
+                         desc=f"train {model.name or type(model).__name__}", progress=progress)
+    model.eval()
+    return history
+
+
+def adam_steps(parameters: list[nn.Parameter], batch_loss: Callable[[], torch.Tensor], *, steps: int, lr: float,
+               grad_clip: float | None, desc: str, progress: bool) -> dict[str, list[float]]:
+    """``steps`` Adam steps on ``parameters``, each on ``batch_loss()`` (a fresh batch's scalar loss), with
+    the gradient norm clipped to ``grad_clip`` (None: no clipping) and a tqdm bar showing the last loss.
+    The training loop of :func:`train_diffusion` and of :mod:`fsl_course.few_shot_diffusion`. Returns
+    ``{"loss": [...]}``, one value per step."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    history: dict[str, list[float]] = {"loss": []}
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        loss = batch_loss()
         optimizer.zero_grad()
         loss.backward()
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.unet.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         optimizer.step()
         history["loss"].append(loss.item())
         bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
-    model.eval()
     return history
 
 
@@ -1176,6 +1213,7 @@ __all__ = [
     "NoiseSchedule",
     "ResBlock",
     "TimeEmbedding",
+    "adam_steps",
     "UNet",
     "ancestral_sample",
     "ancestral_step",

@@ -96,6 +96,9 @@ def evaluate(
 # --------------------------------------------------------------------------- command line
 
 
+DIFFUSION_MODELS = ("ddpm", "cond-ddpm", "set-ddpm")  # take --sampler, --steps, --eta, --guidance
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="PATH",
                         help="a checkpoint written by `fsl-course train`: a few-shot learner or a generative model")
@@ -119,6 +122,13 @@ def add_arguments(parser) -> None:
     generative.add_argument("--baselines", action="store_true",
                             help="few-shot models: also score classic augmentation of the shots and the model's "
                                  "unconditional samples on the same episodes")
+    diffusion = parser.add_argument_group("diffusion models (ddpm, cond-ddpm, set-ddpm)")
+    diffusion.add_argument("--sampler", choices=("ancestral", "ddim"), default=None,
+                           help="default: the model's (ancestral for ddpm and cond-ddpm: all T steps, slow on a CPU; ddim for set-ddpm)")
+    diffusion.add_argument("--steps", type=int, default=None, metavar="N", help="DDIM steps (default 50)")
+    diffusion.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0)")
+    diffusion.add_argument("--guidance", type=float, default=None, metavar="W",
+                           help="classifier-free guidance weight w: eps = (1 + w) eps(x, y) - w eps(x, null) (default none)")
     generative.add_argument("--nll-k", type=int, default=0, metavar="K",
                             help="VAEs: also estimate the test NLL with the IWAE bound with K samples (e.g. 5000; default off)")
     generative.add_argument("--nll-images", type=int, default=500, metavar="M",
@@ -156,6 +166,8 @@ def run_generative(args, device: torch.device) -> int:
       classes -> Fréchet distance and class-conditional accuracy. The accuracy needs the model's
       labels to be the feature net's classes, i.e. a model trained on the plain glyph training
       split (no rotations); for any other training set it is left out, with a note;
+    * set-conditioned (``set-ddpm``, ``generate_sets``): also the class-conditional accuracy of one
+      sample per glyph training class (cycling), each conditioned on the first 5 images of its class;
     * few-shot (``generate``), and VAEs through prototype-latent sampling: fidelity, diversity
       and novelty on ``--way``-way episodes of ``--dataset``/``--split`` for K = 1 and 5 (or ``--shot``).
     """
@@ -167,17 +179,30 @@ def run_generative(args, device: torch.device) -> int:
 
     model = load_model(args.checkpoint, device=device)
     kind, generator = model_kind(model), torch.Generator().manual_seed(args.seed)
+    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k, None) is not None}
+    if options and model.name not in DIFFUSION_MODELS:
+        raise ValueError(f"{' '.join('--' + k for k in options)}: only for diffusion models, but {args.checkpoint} holds {model.name!r}")
+    if "steps" in options and options.get("sampler", "ddim" if model.name == "set-ddpm" else "ancestral") != "ddim":
+        raise ValueError("--steps chooses the number of DDIM steps: add --sampler ddim (the ancestral sampler runs all T steps)")
+    sample_options = {k: v for k, v in options.items() if not (k == "guidance" and kind != "conditional")}
     start = time.perf_counter()
     samples = labels = generate = None
     if kind == "conditional":
         labels = torch.arange(args.samples) % model.n_classes
-        samples = torch.cat([model.sample(chunk.to(device), generator=generator).cpu() for chunk in labels.split(500)])
+        samples = torch.cat([model.sample(chunk.to(device), generator=generator, **sample_options).cpu() for chunk in labels.split(500)])
     else:
-        samples = torch.cat([model.sample(len(chunk), generator=generator).cpu()
+        samples = torch.cat([model.sample(len(chunk), generator=generator, **sample_options).cpu()
                              for chunk in torch.arange(args.samples).split(500)])
+    sample_seconds = time.perf_counter() - start
+    set_conditional = callable(getattr(model, "generate_sets", None))
+    if set_conditional:  # prototype conditioning: one sample per training class from 5 of its images
+        train = load("glyphs", "train")
+        labels = torch.arange(args.samples) % train.n_classes
+        conditioned = torch.cat([model.generate_sets(train.images[chunk, :5], generator=generator, **options).cpu()
+                                 for chunk in labels.split(500)])
     if kind == "few-shot":
         def generate(support_x, n, generator):
-            return model.generate(support_x, n, generator=generator)
+            return model.generate(support_x, n, generator=generator, **options)
     elif hasattr(model, "encode") and hasattr(model, "decode") and kind == "unconditional":
         def generate(support_x, n, generator):  # prototype-latent sampling
             return vae.prototype_latent_generate(model, support_x, n, generator)
@@ -192,13 +217,18 @@ def run_generative(args, device: torch.device) -> int:
                                   f"{trained_on[0]}/train{' with rotations' if trained_on[1] else ''}, not the "
                                   "feature net's plain glyph training classes")
     report = metrics.generative_report(
-        samples=samples, labels=labels, generate=generate, dataset=dataset, way=args.way,
+        samples=samples, labels=None if set_conditional else labels, generate=generate, dataset=dataset, way=args.way,
         shots=(1, 5) if args.shot is None else (args.shot,), n_samples=args.gen_samples,
         episodes=100 if args.episodes is None else args.episodes, seed=args.seed, progress=not args.json)
     report = {"checkpoint": str(args.checkpoint), "model": model.name, "model_kwargs": model.config["kwargs"], "kind": kind,
-              "few_shot_method": generate_name if generate is not None else None, **report}
+              "few_shot_method": generate_name if generate is not None else None, **report,
+              "sample_seconds": round(sample_seconds, 1), **({"sampling": options} if options else {})}
     if note is not None:
         report["conditional_note"] = note
+    if set_conditional:
+        report["conditional"] = {"accuracy": metrics.conditional_accuracy(conditioned, labels),
+                                 "real_accuracy": metrics.real_accuracy(), "n_samples": len(labels),
+                                 "conditioned_on": "the first 5 images of each plain glyph training class"}
     if generate is not None and args.baselines:
         report["baselines"] = few_shot_baselines(model, dataset, args)
     if args.nll_k and hasattr(model, "log_likelihood"):
@@ -249,9 +279,13 @@ def format_generative(report: dict) -> str:
         fd = report["frechet"]
         lines.append(f"  Fréchet distance {fd['fd']:.2f} ({fd['n_samples']} samples; real held-out images: "
                      f"{fd['fd_real']:.2f}) in the glyph feature net's space")
+        if report["model"] in DIFFUSION_MODELS:  # the cost of sampling is part of the story
+            sampling = ", ".join(f"{k} {v}" for k, v in report.get("sampling", {}).items())
+            lines.append(f"  sampling{f' ({sampling})' if sampling else ''}: {report['sample_seconds']:.1f} s for {fd['n_samples']} samples")
     if "conditional" in report:
         c = report["conditional"]
-        lines.append(f"  class-conditional accuracy {100 * c['accuracy']:.1f} % (real images: {100 * c['real_accuracy']:.1f} %)")
+        lines.append(f"  class-conditional accuracy {100 * c['accuracy']:.1f} % (real images: {100 * c['real_accuracy']:.1f} %)"
+                     + (f", conditioned on {c['conditioned_on']}" if "conditioned_on" in c else ""))
     if "conditional_note" in report:
         lines.append(f"  {report['conditional_note']}")
     for entry in report.get("few_shot", []):

@@ -35,7 +35,7 @@ from fsl_course.runtime import device as default_device
 
 #: modules whose import registers models; :func:`load_model` imports them first, so that a
 #: checkpoint loads without the caller importing the module that defines its class.
-MODEL_MODULES: list[str] = ["fsl_course.vae", "fsl_course.gan", "fsl_course.diffusion"]
+MODEL_MODULES: list[str] = ["fsl_course.vae", "fsl_course.gan", "fsl_course.diffusion", "fsl_course.few_shot_diffusion"]
 
 #: what a model can do, in the order :func:`model_kind` checks it
 KINDS = ("few-shot", "conditional", "unconditional")

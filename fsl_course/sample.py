@@ -5,7 +5,7 @@ What is drawn depends on what the checkpoint's model can do (:func:`fsl_course.g
 * unconditional (``vae``, ``dcgan``, ``wgan-gp``): ``--n`` samples, ``--cols`` per row;
 * class-conditional (``cvae``, ``cgan``): one column per class, ``--labels 0,1,2`` or the first
   ``--classes N`` training classes, cycling until there are ``--n`` samples;
-* few-shot (``set-vae``): the support images in the first row(s), a gap, then ``--n`` new
+* few-shot (``set-vae``, ``set-ddpm``): the support images in the first row(s), a gap, then ``--n`` new
   images of their class. Support images come from ``--support`` (PNG/JPEG/BMP files, or folders
   of them) or from a dataset: ``--dataset`` (default: the one the model was trained on),
   ``--split`` (default test, classes never seen in training), ``--class-index``, ``--shot``.
@@ -38,8 +38,9 @@ def add_arguments(parser) -> None:
     conditional = parser.add_argument_group("class-conditional models").add_mutually_exclusive_group()
     conditional.add_argument("--labels", default=None, metavar="I,J,...", help="class indices, one column each")
     conditional.add_argument("--classes", type=int, default=None, metavar="N", help="the first N classes (default min(8, classes))")
-    diffusion = parser.add_argument_group("diffusion models (ddpm, cond-ddpm)")
-    diffusion.add_argument("--sampler", choices=("ancestral", "ddim"), default=None, help="default ancestral (all T steps)")
+    diffusion = parser.add_argument_group("diffusion models (ddpm, cond-ddpm, set-ddpm)")
+    diffusion.add_argument("--sampler", choices=("ancestral", "ddim"), default=None,
+                           help="default ancestral (all T steps) for ddpm and cond-ddpm, ddim for set-ddpm")
     diffusion.add_argument("--steps", type=int, default=None, metavar="N", help="DDIM steps (default 50)")
     diffusion.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default 0: deterministic)")
     diffusion.add_argument("--guidance", type=float, default=None, metavar="W",
@@ -154,9 +155,9 @@ def run(args) -> int:
         holds = {"unconditional": "an unconditional", "conditional": "a class-conditional", "few-shot": "a few-shot"}[kind]
         raise ValueError(f"{' '.join(wrong)}: not used by {args.checkpoint}, which holds {holds} model ({model.name!r})")
     options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k) is not None}
-    if options and model.name not in ("ddpm", "cond-ddpm"):
+    if options and model.name not in ("ddpm", "cond-ddpm", "set-ddpm"):
         raise ValueError(f"{' '.join('--' + k for k in options)}: only for diffusion models, but {args.checkpoint} holds {model.name!r}")
-    if options.get("steps") is not None and options.get("sampler") != "ddim":
+    if options.get("steps") is not None and options.get("sampler", "ddim" if model.name == "set-ddpm" else "ancestral") != "ddim":
         raise ValueError("--steps chooses the number of DDIM steps: add --sampler ddim (the ancestral sampler runs all T steps)")
     generator = torch.Generator().manual_seed(args.seed)
     loss = model.config["kwargs"].get("loss")  # GANs: nonsaturating or wgan-gp
@@ -171,7 +172,7 @@ def run(args) -> int:
         what += ", one column per class: " + ", ".join(f"{y}" + (f" {names[y]}" if names else "") for y in labels)
     else:
         support, described = _support(args, model)
-        sections += [(support, args.cols), (model.generate(support.to(model.device), args.n, generator=generator), args.cols)]
+        sections += [(support, args.cols), (model.generate(support.to(model.device), args.n, generator=generator, **options), args.cols)]
         what += f" from {described} (first rows)"
     out = Path(args.out)
     with atomic_write(out) as tmp:

@@ -38,12 +38,15 @@ class Method:
     or ``"generative"`` (saved with ``save_model``, sampled with ``fsl-course sample``).
     ``rotations``: ``None`` follows ``--no-rotations``; ``False`` always trains on the plain
     classes (a class-conditional model's labels must be the plain split's classes).
+    ``steps_override``: the train function accepts ``steps=N`` to replace the budget's number of
+    training steps (``--steps``; the shipped pretrained diffusion models are made this way).
     """
 
     help: str
     train: TrainFn
     produces: str = "learner"
     rotations: bool | None = None
+    steps_override: bool = False  # its train function takes ``steps=N`` (``--steps``)
 
     def __post_init__(self):
         if self.produces not in ("learner", "generative"):
@@ -224,23 +227,34 @@ def diffusion_hyperparameters(budget: Budget, conditional: bool = False) -> dict
 
 
 def train_denoising(method_name: str) -> TrainFn:
-    """A diffusion METHOD: ``"ddpm"`` (:class:`~fsl_course.diffusion.DDPM`) or ``"cond-ddpm"``
-    (:class:`~fsl_course.diffusion.ConditionalDDPM` over the dataset's classes), fitted with
-    :func:`fsl_course.diffusion.train_diffusion`. ``info`` records the hyperparameters and the
-    mean noise-prediction loss of the last 100 steps (``final_mse``)."""
-    if method_name not in ("ddpm", "cond-ddpm"):
+    """A diffusion METHOD: ``"ddpm"`` (:class:`~fsl_course.diffusion.DDPM`), ``"cond-ddpm"``
+    (:class:`~fsl_course.diffusion.ConditionalDDPM` over the dataset's classes) or ``"set-ddpm"``
+    (:class:`~fsl_course.few_shot_diffusion.SetConditionalDDPM`, conditioned on support sets),
+    fitted with :func:`fsl_course.diffusion.train_diffusion` or
+    :func:`fsl_course.few_shot_diffusion.train_set_diffusion`. ``steps`` replaces the budget's
+    number of steps. ``info`` records the hyperparameters and the mean noise-prediction loss of
+    the last 100 steps (``final_mse``)."""
+    if method_name not in ("ddpm", "cond-ddpm", "set-ddpm"):
         raise ValueError(f"unknown diffusion method {method_name!r}")
 
-    def train(dataset, budget, device, seed, progress):
+    def train(dataset, budget, device, seed, progress, steps=None):
         from fsl_course.diffusion import DDPM, ConditionalDDPM, train_diffusion
 
-        hyperparameters = diffusion_hyperparameters(budget, conditional=method_name == "cond-ddpm")
+        hyperparameters = diffusion_hyperparameters(budget, conditional=method_name != "ddpm")
+        if steps is not None:
+            hyperparameters["steps"] = steps
         architecture = {k: hyperparameters.pop(k) for k in ("num_steps", "schedule")}
-        if method_name == "cond-ddpm":
-            model = ConditionalDDPM(dataset.n_classes, **architecture)
+        if method_name == "set-ddpm":
+            from fsl_course.few_shot_diffusion import SetConditionalDDPM, train_set_diffusion
+
+            model = SetConditionalDDPM(**architecture)
+            history = train_set_diffusion(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
         else:
-            model = DDPM(**architecture)
-        history = train_diffusion(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
+            if method_name == "cond-ddpm":
+                model = ConditionalDDPM(dataset.n_classes, **architecture)
+            else:
+                model = DDPM(**architecture)
+            history = train_diffusion(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
         tail = min(100, len(history["loss"]))
         info = {**hyperparameters, **architecture, "final_mse": sum(history["loss"][-tail:]) / tail}
         if method_name == "cond-ddpm" and getattr(dataset, "class_names", None) is not None:
@@ -293,13 +307,21 @@ GENERATIVE_METHODS: dict[str, Method] = {
         rotations=False,
     ),
     "ddpm": Method("denoising diffusion model, noise-prediction loss, cosine schedule (Ho et al. 2020; Nichol & Dhariwal 2021)",
-                   train_denoising("ddpm"), "generative"),
+                   train_denoising("ddpm"), "generative", steps_override=True),
     "cond-ddpm": Method(
         "class-conditional DDPM with label dropout for classifier-free guidance, on the plain training classes, never rotations "
         "(Ho & Salimans 2022)",
         train_denoising("cond-ddpm"),
         "generative",
         rotations=False,
+        steps_override=True,
+    ),
+    "set-ddpm": Method(
+        "DDPM conditioned on a support-set embedding (1-5 shots of the target's class) with set dropout for guidance: "
+        "new images of an unseen class from K shots without fine-tuning",
+        train_denoising("set-ddpm"),
+        "generative",
+        steps_override=True,
     ),
 }
 
@@ -315,6 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=PRESETS, default=None, help="compute preset (default: $FSL_COURSE_BUDGET, else standard)")
     parser.add_argument("--out", required=True, metavar="PATH", help="checkpoint file to write")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the batches (default 0)")
+    steps_methods = ", ".join(name for name, method in ALL_METHODS.items() if method.steps_override)
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help=f"replace the budget's number of training steps ({steps_methods} only; recorded in the checkpoint)")
     parser.add_argument(
         "--no-rotations",
         dest="rotations",
@@ -329,6 +354,8 @@ def command_line(args: argparse.Namespace, budget: Budget) -> str:
     if args.root is not None:
         words += ["--root", str(args.root)]
     words += ["--budget", budget.name, "--out", str(args.out), "--seed", str(args.seed)]
+    if args.steps is not None:
+        words += ["--steps", str(args.steps)]
     if not args.rotations:
         words.append("--no-rotations")
     return shlex.join(words)
@@ -339,6 +366,14 @@ def run(args: argparse.Namespace) -> int:
     device = fsl_course.device()
     command = command_line(args, budget)
     method = ALL_METHODS[args.method]
+    overrides = {}
+    if args.steps is not None:
+        if not method.steps_override:
+            takes = ", ".join(name for name, m in ALL_METHODS.items() if m.steps_override)
+            raise ValueError(f"--steps is not supported by {args.method}: it applies to {takes}")
+        if args.steps < 1:
+            raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
+        overrides["steps"] = args.steps
     rotations = args.rotations if method.rotations is None else method.rotations
     start = time.perf_counter()
     dataset = data.load(args.dataset, "train", args.root, rotations=rotations)
@@ -349,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     fsl_course.seed_everything(args.seed)
-    trained, info = method.train(dataset, budget, device, args.seed, True)
+    trained, info = method.train(dataset, budget, device, args.seed, True, **overrides)
     wall_time = time.perf_counter() - start
     save = save_learner if method.produces == "learner" else save_model
     path = save(

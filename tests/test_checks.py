@@ -16,21 +16,11 @@ import torch
 
 from fsl_course import exercises
 from fsl_course.checks import CheckFailed, visible_check
+from solution_notebook import SolutionNotebook, solution_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob(exercises.NOTEBOOK_GLOB))
 CHECK_CALL = re.compile(r"^check\.(?P<check>\w+)\((?P<function>\w+)\)$")
-
-
-def solution_functions(path: Path) -> dict:
-    """The functions that the solution notebook's solution cells define (run with its imports)."""
-    nb = nbformat.read(path, as_version=4)
-    namespace: dict = {}
-    for cell in nb.cells:
-        if cell.cell_type == "code" and (exercises.is_solution_cell(cell) or
-                                         exercises.nbgrader_meta(cell).get("grade_id") == "imports"):
-            exec(compile(cell.source, f"{path.name}:{exercises.nbgrader_meta(cell).get('grade_id')}", "exec"), namespace)
-    return namespace
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
@@ -429,36 +419,11 @@ def test_every_bank_module_belongs_to_a_solution():
 
 ex06 = importlib.import_module("fsl_course.checks.ex06")
 SOLUTION_06_PATH = ROOT / "solutions" / "06_ddpm_from_the_variational_bound.ipynb"
-SOLUTION_06 = solution_functions(SOLUTION_06_PATH)
+SOL06 = SolutionNotebook("06_ddpm_from_the_variational_bound.ipynb")
+SOLUTION_06 = SOL06.functions
 
 
-def notebook_06(source: str, **names) -> dict:
-    """A fresh notebook namespace of exercise 06 (its imports, ``per_sample`` and the solution's functions),
-    with ``names`` bound and then ``source`` run in it, as if typed into a solution cell."""
-    import textwrap
-
-    namespace = dict(SOLUTION_06)
-    namespace.update(names)
-    exec(compile(textwrap.dedent(source), "<exercise 06 cell>", "exec"), namespace)
-    return namespace
-
-
-def hidden_tests_06(grade_id: str) -> str:
-    """The hidden part of the test cell ``grade_id`` of solution 06."""
-    nb = nbformat.read(SOLUTION_06_PATH, as_version=4)
-    (cell,) = [c for c in nb.cells if exercises.nbgrader_meta(c).get("grade_id") == grade_id]
-    return cell.source.split("### BEGIN HIDDEN TESTS")[1].split("### END HIDDEN TESTS")[0]
-
-
-def run_hidden_06(name: str, namespace: dict) -> None:
-    """Run the hidden tests of ``test_NAME`` in ``namespace`` (in this process, without the grader)."""
-    exec(compile(hidden_tests_06(f"test_{name}"), f"<hidden tests of {name}>", "exec"), namespace)
-
-
-def wrong_06(name: str, source: str) -> tuple[dict, object]:
-    """(the namespace, the function ``name``) of a notebook where ``source`` defines ``name`` wrongly."""
-    namespace = notebook_06(source)
-    return namespace, namespace[name]
+notebook_06, hidden_tests_06, run_hidden_06, wrong_06 = SOL06.notebook, SOL06.hidden_tests, SOL06.run_hidden, SOL06.wrong
 
 
 MAKE_SCHEDULE = """
@@ -649,6 +614,7 @@ MISTAKES_06 = [
 @pytest.mark.parametrize("name, source, message", [m for m in MISTAKES_06 if m[2] is not None],
                          ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES_06) if m[2] is not None])
 def test_ex06_a_typical_mistake_fails_the_visible_check_with_one_line_and_a_hint(name, source, message):
+    torch.manual_seed(0)  # a mistake that draws from the global generator: make each case deterministic
     _, wrong = wrong_06(name, source)
     with pytest.raises(CheckFailed) as failed:
         getattr(ex06, name)(wrong)
@@ -658,6 +624,7 @@ def test_ex06_a_typical_mistake_fails_the_visible_check_with_one_line_and_a_hint
 
 @pytest.mark.parametrize("name, source", [m[:2] for m in MISTAKES_06], ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES_06)])
 def test_ex06_a_typical_mistake_fails_the_hidden_tests(name, source):
+    torch.manual_seed(0)  # some hidden tests draw from the global generator: make each case deterministic
     namespace, _ = wrong_06(name, source)
     with pytest.raises(Exception):  # an assertion, or the wrong function's own error
         run_hidden_06(name, namespace)

@@ -19,8 +19,11 @@ function and an :class:`Expect`; each ``expect(condition, message)`` is one chec
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import contextmanager
 from typing import Callable
+
+import torch
 
 
 class CheckFailed(AssertionError):
@@ -71,8 +74,10 @@ def bound_in_globals_of(function: Callable, values: dict):
     """Bind ``values`` (name -> object) in ``function``'s module globals (for a learner's function:
     the notebook) while the block runs, then restore what was there (or remove names that were not).
     Used to grade a later part of an exercise with right answers for the earlier parts it calls.
-    Does nothing for a callable without ``__globals__``."""
-    namespace = getattr(function, "__globals__", None)
+    A decorated function (e.g. ``@torch.no_grad()``) is unwrapped first (``inspect.unwrap``), so the
+    names land in the learner's notebook, not in the decorator's module. Does nothing for a
+    callable without ``__globals__``."""
+    namespace = getattr(inspect.unwrap(function), "__globals__", None)
     if not isinstance(namespace, dict):
         yield
         return
@@ -86,3 +91,55 @@ def bound_in_globals_of(function: Callable, values: dict):
                 namespace.pop(name, None)
             else:
                 namespace[name] = value
+
+
+# --------------------------------------------------------------------------- small helpers of the check banks
+
+
+class Misuse(Exception):
+    """A check's stand-in was called the wrong way; the check turns it into a failed expectation."""
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``, at most 160 characters: an error inside a learner's function, for a message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:160]
+
+
+def close64(value, target: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-7) -> bool:
+    """``value`` is a floating tensor of ``target``'s shape, close to it (compared in float64 on the CPU)."""
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(target.shape)
+            and bool(torch.allclose(value.detach().to("cpu", torch.float64), target.to(torch.float64), rtol=rtol, atol=atol)))
+
+
+def fmt_values(values, digits: int = 4) -> str:
+    """A short rendering of a tensor's first values (or of what the value is), for messages."""
+    if not isinstance(values, torch.Tensor):
+        return type(values).__name__
+    flat = values.detach().reshape(-1).tolist()
+    text = ", ".join(f"{v:.{digits}g}" for v in flat[:8])
+    return f"[{text}{', ...' if len(flat) > 8 else ''}]"
+
+
+def dtype_name(value) -> str:
+    """A tensor's dtype, else the value's type name, for messages."""
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def call_checked(expect, what: str, function, args=(), kwargs=None, *, index_hint: str, per_sample_call: str):
+    """``function(*args, **kwargs)`` for a check of a diffusion exercise: a misused stand-in (:class:`Misuse`),
+    an index out of range (an off-by-one timestep: ``index_hint``) or tensors that do not broadcast (a ``(B,)``
+    coefficient against ``(B, ...)`` data: reshape with ``per_sample_call``) fail the check through ``expect``
+    with a message and a hint instead of a traceback. Other errors pass through unchanged."""
+    try:
+        return function(*args, **(kwargs or {}))
+    except Misuse as err:
+        expect(False, f"{what}: {err}")
+    except IndexError as err:
+        expect(False, f"{what} raised {first_line(err)}. hint: {index_hint}")
+    except RuntimeError as err:
+        if "size of tensor" not in str(err) and "broadcast" not in str(err):
+            raise
+        expect(False, f"{what} raised {first_line(err)}. hint: schedule values picked at t have shape (B,); reshape "
+                      "them to (B, 1, ..., 1) so that they multiply each sample of (B, ...) data, for any number of "
+                      f"dimensions: {per_sample_call}")

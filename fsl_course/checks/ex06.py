@@ -33,7 +33,15 @@ import math
 import torch
 from torch import nn
 
-from fsl_course.checks import bound_in_globals_of, visible_check
+from fsl_course.checks import (
+    bound_in_globals_of,
+    call_checked,
+    close64 as _close,
+    dtype_name as _dtype,
+    fmt_values as _fmt,
+    Misuse as _Misuse,
+    visible_check,
+)
 from fsl_course.checks.losses import is_scalar as _scalar
 from fsl_course.checks.losses import near as _near
 from fsl_course.checks.losses import shape_of as _shape
@@ -44,11 +52,6 @@ F64 = torch.float64
 HAND_BETAS = (0.0784, 0.609375)  # alpha = 0.9216, 0.390625: sqrt 0.96, 0.625
 HAND_ABAR = (0.9216, 0.36)  # sqrt 0.96, 0.6; 1 - abar = 0.0784, 0.64: sqrt 0.28, 0.8
 COSINE_S, MAX_BETA = 0.008, 0.999
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:160]
 
 
 def _hand_schedule() -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,46 +81,11 @@ def _schedule(num_steps: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(betas, dtype=F64), torch.tensor(abar, dtype=F64)
 
 
-def _close(value, target: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-7) -> bool:
-    """``value`` is a tensor of ``target``'s shape, close to it (compared in float64)."""
-    return (isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(target.shape)
-            and bool(torch.allclose(value.detach().to("cpu", F64), target.to(F64), rtol=rtol, atol=atol)))
-
-
-def _fmt(values, digits: int = 4) -> str:
-    """A short rendering of a tensor's values (or of what it is)."""
-    if not isinstance(values, torch.Tensor):
-        return type(values).__name__
-    flat = values.detach().reshape(-1).tolist()
-    text = ", ".join(f"{v:.{digits}g}" for v in flat[:8])
-    return f"[{text}{', ...' if len(flat) > 8 else ''}]"
-
-
-def _dtype(value) -> str:
-    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-class _Misuse(Exception):
-    """A stand-in was called the wrong way; the check turns it into a failed expectation."""
-
-
 def _call(expect, what: str, function, *args):
-    """``function(*args)``; a misused stand-in, an index out of range (an off-by-one timestep) or tensors that do
-    not broadcast (a ``(B,)`` coefficient against ``(B, ...)`` data) fail the check with a message and a hint
-    instead of a traceback. Other errors pass through unchanged."""
-    try:
-        return function(*args)
-    except _Misuse as err:
-        expect(False, f"{what}: {err}")
-    except IndexError as err:
-        expect(False, f"{what} raised {_first_line(err)}. hint: timesteps are 0-based: t holds indices 0..T-1 into "
-                      "the schedule tensors (index k is the paper's t = k + 1), so index with t itself, no t + 1 or t - 1")
-    except RuntimeError as err:
-        if "size of tensor" not in str(err) and "broadcast" not in str(err):
-            raise
-        expect(False, f"{what} raised {_first_line(err)}. hint: schedule values picked at t have shape (B,); reshape "
-                      "them to (B, 1, ..., 1) so that they multiply each sample of (B, ...) data, for any number of "
-                      "dimensions: per_sample(values, t, x)")
+    """``function(*args)``, failing the check with a hint on an off-by-one timestep or a broadcasting error."""
+    return call_checked(expect, what, function, args, index_hint="timesteps are 0-based: t holds indices 0..T-1 into "
+                        "the schedule tensors (index k is the paper's t = k + 1), so index with t itself, no t + 1 or t - 1",
+                        per_sample_call="per_sample(values, t, x)")
 
 
 # --------------------------------------------------------------------------- right answers for Parts B and C

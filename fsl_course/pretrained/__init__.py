@@ -1,0 +1,70 @@
+"""Pre-trained diffusion models shipped with the package, so that lessons 07 and 08 show good
+samples on a CPU without an hour of training. Each file is an ordinary checkpoint written by
+``fsl-course train`` (a ``state_dict`` plus a JSON config, never a pickled module); its config
+records the exact command, seed, budget, device and wall time. Re-create one, from the
+repository root, with its command in :data:`RECIPES` (:func:`recreate_command`), e.g.::
+
+    fsl-course train ddpm --dataset glyphs --budget standard --out fsl_course/pretrained/ddpm.pt --seed 0 --steps 4000 --no-rotations
+
+(the standard budget's batch size and learning rate, with 4,000 instead of 800 steps: 13 to 30
+minutes each on a 2-core CPU; each file's config records its ``wall_time_s``).
+
+==============  =====================================================================================
+``ddpm``        unconditional DDPM on the glyph training classes (lesson 07: samplers; lesson 08:
+                fine-tuning and LoRA)
+``cond-ddpm``   class-conditional DDPM with label dropout (lesson 07: classifier-free guidance)
+``set-ddpm``    DDPM conditioned on a support-set embedding (lesson 08: few-shot generation
+                without fine-tuning)
+==============  =====================================================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fsl_course.checkpoint import load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+#: name -> the command that made ``fsl_course/pretrained/<name>.pt`` (a test checks each file records exactly it)
+RECIPES = {
+    "ddpm": "fsl-course train ddpm --dataset glyphs --budget standard --out fsl_course/pretrained/ddpm.pt --seed 0 --steps 4000 --no-rotations",
+    "cond-ddpm": "fsl-course train cond-ddpm --dataset glyphs --budget standard --out fsl_course/pretrained/cond-ddpm.pt --seed 0 --steps 4000",
+    "set-ddpm": "fsl-course train set-ddpm --dataset glyphs --budget standard --out fsl_course/pretrained/set-ddpm.pt --seed 0 --steps 4000",
+}
+NAMES = tuple(RECIPES)
+MAX_TOTAL_BYTES = 20 * 2**20  # the package ships at most 20 MB of weights
+
+
+def path(name: str) -> Path:
+    """The file of the shipped model ``name`` (one of :data:`NAMES`)."""
+    if name not in NAMES:
+        raise ValueError(f"no pre-trained model {name!r}; the package ships {', '.join(NAMES)}")
+    file = HERE / f"{name}.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing from this installation; re-create it with: {recreate_command(name)}")
+    return file
+
+
+def load(name: str, device: torch.device | str | None = None):
+    """The shipped model ``name``, rebuilt with :func:`fsl_course.generative.load_model`, in eval
+    mode on ``device`` (default :func:`fsl_course.device`)."""
+    from fsl_course.generative import load_model
+
+    return load_model(path(name), device=device)
+
+
+def config(name: str) -> dict:
+    """The shipped model's checkpoint config: ``command``, ``seed``, ``budget``, ``wall_time_s``, ``training``, ..."""
+    return load_checkpoint(path(name))[1]
+
+
+def recreate_command(name: str) -> str:
+    """The ``fsl-course train`` command that makes the shipped file ``name`` (run it from the repository root)."""
+    if name not in NAMES:
+        raise ValueError(f"no pre-trained model {name!r}; the package ships {', '.join(NAMES)}")
+    return RECIPES[name]
+
+
+__all__ = ["MAX_TOTAL_BYTES", "NAMES", "RECIPES", "config", "load", "path", "recreate_command"]
