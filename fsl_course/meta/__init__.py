@@ -6,6 +6,8 @@
 * :mod:`fsl_course.meta.backbones`: the Conv-4 feature extractor.
 * :mod:`fsl_course.meta.baselines`: pixel nearest neighbour, pixel prototype, and
   pretrain-then-fine-tune (Chen et al. 2019).
+* :mod:`fsl_course.meta.maml`: the functional (``torch.func``) MAML core, :func:`inner_adapt`,
+  second or first order, and Reptile's update.
 """
 
 from fsl_course.meta.backbones import Conv4
@@ -18,6 +20,7 @@ from fsl_course.meta.baselines import (
     pretrain,
     squared_distances,
 )
+from fsl_course.meta.maml import inner_adapt, maml_loss, parameters_of, reptile_update
 
 __all__ = [
     "LEARNERS",
@@ -26,10 +29,14 @@ __all__ = [
     "PixelNearestNeighbour",
     "PixelPrototype",
     "PretrainFinetune",
+    "inner_adapt",
     "load_learner",
+    "maml_loss",
+    "parameters_of",
     "pretrain",
     "prototypes",
     "register_learner",
+    "reptile_update",
     "save_learner",
     "squared_distances",
     "validate_episode",

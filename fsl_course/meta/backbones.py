@@ -72,5 +72,9 @@ class Conv4(nn.Module):
         """``x``: ``(B, C, H, W)`` with ``H, W >= 16`` -> features ``(B, feature_dim(H, W))``."""
         if x.ndim != 4 or min(x.shape[2:]) < 16:
             raise ValueError(f"Conv4 expects images of shape (B, C, H, W) with H, W >= 16, got {tuple(x.shape)}")
-        features = self.blocks(x.contiguous(memory_format=torch.channels_last))
+        try:
+            x = x.contiguous(memory_format=torch.channels_last)
+        except RuntimeError:  # inside torch.func.vmap (MAML over a batch of tasks): no channels-last rule, keep NCHW
+            pass
+        features = self.blocks(x)
         return rearrange(features, "b c h w -> b (c h w)")
