@@ -430,8 +430,14 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w:
         torch.cat([labels, null]),
         None if cond is None else torch.cat([cond, cond]),
     )
-    eps_cond, eps_uncond = both.chunk(2)
-    return (1 + w) * eps_cond - w * eps_uncond
+    return combine_guidance(*both.chunk(2), w)
+
+
+def combine_guidance(eps_cond: torch.Tensor, eps_null: torch.Tensor, w: float) -> torch.Tensor:
+    """The classifier-free guidance combination ``(1 + w) eps_cond - w eps_null`` (``w = 0``: the
+    conditional prediction), shared by :func:`guided_eps` and the set-conditioned model of
+    :mod:`fsl_course.few_shot_diffusion`. Any matching shapes."""
+    return (1 + w) * eps_cond - w * eps_null
 
 
 def _predict_eps(model, x, t, labels, cond, guidance) -> torch.Tensor:
@@ -1045,6 +1051,8 @@ class _DiffusionModel(GenerativeModel):
 
     unet: UNet
     schedule: NoiseSchedule
+    #: the sampler used when ``sampler=None`` (the CLIs also read it to check ``--steps``)
+    default_sampler: str = "ancestral"
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The noise prediction ``eps_theta(x_t, t[, y])`` of :attr:`unet`, (B, 1, 28, 28)."""
@@ -1054,8 +1062,9 @@ class _DiffusionModel(GenerativeModel):
         return self._sample_with(self, n, generator, steps, sampler, eta, variance, labels, guidance)
 
     def _sample_with(self, eps_model, n: int, generator, steps, sampler, eta, variance, labels=None, guidance=None) -> torch.Tensor:
-        """``n`` images in [0, 1] from the noise predictor ``eps_model(x, t[, labels])`` with this model's schedule."""
-        _check_sampler(sampler)
+        """``n`` images in [0, 1] from the noise predictor ``eps_model(x, t[, labels])`` with this model's schedule
+        (``sampler=None``: :attr:`default_sampler`)."""
+        sampler = _check_sampler(self.default_sampler if sampler is None else sampler)
         shape = (n, *IMAGE_SHAPE)
         if sampler == "ancestral":
             if steps is not None and steps != self.schedule.num_steps:
@@ -1082,9 +1091,9 @@ class DDPM(_DiffusionModel):
         self.unet = UNet(channels)
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, steps: int | None = None, sampler: str = "ancestral",
+    def sample(self, n: int, *, generator: torch.Generator | None = None, steps: int | None = None, sampler: str | None = None,
                eta: float = 0.0, guidance: float | None = None, variance: str = "beta") -> torch.Tensor:
-        """``n`` images (n, 1, 28, 28) in ``[0, 1]``: ``sampler="ancestral"`` (all ``T`` steps,
+        """``n`` images (n, 1, 28, 28) in ``[0, 1]``: ``sampler="ancestral"`` (the default, all ``T`` steps,
         :func:`ancestral_sample` with ``variance``) or ``"ddim"`` (:func:`ddim_sample` with ``eta``;
         ``steps=None`` means ``min(50, T)``); then ``(x + 1) / 2``, clamped to [0, 1]."""
         n = check_count("n", n)
@@ -1109,7 +1118,7 @@ class ConditionalDDPM(_DiffusionModel):
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, *, generator: torch.Generator | None = None, steps: int | None = None,
-               sampler: str = "ancestral", eta: float = 0.0, guidance: float | None = None, variance: str = "beta") -> torch.Tensor:
+               sampler: str | None = None, eta: float = 0.0, guidance: float | None = None, variance: str = "beta") -> torch.Tensor:
         """One image per label, (n, 1, 28, 28) in ``[0, 1]``, ``x ~ p(x | y)``; ``guidance=w``
         uses classifier-free guidance with ``eps = (1 + w) eps(x, y) - w eps(x, null)`` (None or 0:
         plain conditional). Other arguments as :meth:`DDPM.sample`."""
@@ -1218,6 +1227,7 @@ __all__ = [
     "ancestral_sample",
     "ancestral_step",
     "attach_lora",
+    "combine_guidance",
     "count_parameters",
     "ddim_sample",
     "ddim_step",

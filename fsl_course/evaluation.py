@@ -96,9 +96,6 @@ def evaluate(
 # --------------------------------------------------------------------------- command line
 
 
-DIFFUSION_MODELS = ("ddpm", "cond-ddpm", "set-ddpm")  # take --sampler, --steps, --eta, --guidance
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="PATH",
                         help="a checkpoint written by `fsl-course train`: a few-shot learner or a generative model")
@@ -173,17 +170,17 @@ def run_generative(args, device: torch.device) -> int:
     """
     import time
 
+    from einops import rearrange
+
     from fsl_course import metrics, vae
     from fsl_course.data import load
     from fsl_course.generative import load_model, model_kind
+    from fsl_course.sample import diffusion_options
 
     model = load_model(args.checkpoint, device=device)
     kind, generator = model_kind(model), torch.Generator().manual_seed(args.seed)
-    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k, None) is not None}
-    if options and model.name not in DIFFUSION_MODELS:
-        raise ValueError(f"{' '.join('--' + k for k in options)}: only for diffusion models, but {args.checkpoint} holds {model.name!r}")
-    if "steps" in options and options.get("sampler", "ddim" if model.name == "set-ddpm" else "ancestral") != "ddim":
-        raise ValueError("--steps chooses the number of DDIM steps: add --sampler ddim (the ancestral sampler runs all T steps)")
+    diffusion = diffusion_options(args, model)  # None: not a diffusion model
+    options = diffusion or {}
     sample_options = {k: v for k, v in options.items() if not (k == "guidance" and kind != "conditional")}
     start = time.perf_counter()
     samples = labels = generate = None
@@ -195,8 +192,10 @@ def run_generative(args, device: torch.device) -> int:
                              for chunk in torch.arange(args.samples).split(500)])
     sample_seconds = time.perf_counter() - start
     set_conditional = callable(getattr(model, "generate_sets", None))
+    real_images = None  # the glyph training images, loaded by generative_report unless loaded here
     if set_conditional:  # prototype conditioning: one sample per training class from 5 of its images
         train = load("glyphs", "train")
+        real_images = rearrange(train.images, "c n ch h w -> (c n) ch h w")
         labels = torch.arange(args.samples) % train.n_classes
         conditioned = torch.cat([model.generate_sets(train.images[chunk, :5], generator=generator, **options).cpu()
                                  for chunk in labels.split(500)])
@@ -217,12 +216,12 @@ def run_generative(args, device: torch.device) -> int:
                                   f"{trained_on[0]}/train{' with rotations' if trained_on[1] else ''}, not the "
                                   "feature net's plain glyph training classes")
     report = metrics.generative_report(
-        samples=samples, labels=None if set_conditional else labels, generate=generate, dataset=dataset, way=args.way,
+        samples=samples, labels=None if set_conditional else labels, real_images=real_images, generate=generate, dataset=dataset, way=args.way,
         shots=(1, 5) if args.shot is None else (args.shot,), n_samples=args.gen_samples,
         episodes=100 if args.episodes is None else args.episodes, seed=args.seed, progress=not args.json)
     report = {"checkpoint": str(args.checkpoint), "model": model.name, "model_kwargs": model.config["kwargs"], "kind": kind,
               "few_shot_method": generate_name if generate is not None else None, **report,
-              "sample_seconds": round(sample_seconds, 1), **({"sampling": options} if options else {})}
+              "sample_seconds": round(sample_seconds, 1), **({"sampling": diffusion} if diffusion is not None else {})}
     if note is not None:
         report["conditional_note"] = note
     if set_conditional:
@@ -279,7 +278,7 @@ def format_generative(report: dict) -> str:
         fd = report["frechet"]
         lines.append(f"  Fréchet distance {fd['fd']:.2f} ({fd['n_samples']} samples; real held-out images: "
                      f"{fd['fd_real']:.2f}) in the glyph feature net's space")
-        if report["model"] in DIFFUSION_MODELS:  # the cost of sampling is part of the story
+        if "sampling" in report:  # a diffusion model: the cost of sampling is part of the story
             sampling = ", ".join(f"{k} {v}" for k, v in report.get("sampling", {}).items())
             lines.append(f"  sampling{f' ({sampling})' if sampling else ''}: {report['sample_seconds']:.1f} s for {fd['n_samples']} samples")
     if "conditional" in report:

@@ -62,6 +62,7 @@ from fsl_course.diffusion import (
     _real,
     adam_steps,
     attach_lora,
+    combine_guidance,
     merge_lora,
     noise_prediction_loss,
 )
@@ -105,20 +106,22 @@ class SetEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, k = x.shape[:2]
         h = self.features(rearrange(x, "b k c h w -> (b k) c h w"))
-        f = rearrange(self.out(reduce(h, "bk c h w -> bk c", "mean")), "(b k) d -> b k d", b=b, k=k)
-        if mask is None:
-            return f.mean(dim=1)
-        weights = mask.to(f.dtype)
-        return (f * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1)
+        return masked_mean(rearrange(self.out(reduce(h, "bk c h w -> bk c", "mean")), "(b k) d -> b k d", b=b, k=k), mask)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over dim 1 (the set) of the entries present: ``x`` (B, K, ...), ``mask`` (B, K) bool
+    (None: all present) -> (B, ...). A set with no entry present gives 0."""
+    if mask is None:
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.ndim - 2)))
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
 
 
 def prototype_image(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``m(S)``: the mean of the images present in each set, ``x`` (B, K, 1, 28, 28), ``mask`` (B, K) bool
     (None: all) -> (B, 1, 28, 28)."""
-    if mask is None:
-        return x.mean(dim=1)
-    weights = mask.to(x.dtype)[:, :, None, None, None]
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return masked_mean(x, mask)
 
 
 class _Guided(nn.Module):
@@ -137,8 +140,7 @@ class _Guided(nn.Module):
             return self.unet(x, t, cond=cond, cond_image=image)
         both = self.unet(torch.cat([x, x]), torch.cat([t, t]), cond=torch.cat([cond, self.null.expand(len(x), -1)]),
                          cond_image=torch.cat([image, torch.zeros_like(image)]))
-        eps_cond, eps_null = both.chunk(2)
-        return (1 + self.guidance) * eps_cond - self.guidance * eps_null
+        return combine_guidance(*both.chunk(2), self.guidance)
 
 
 @register_model("set-ddpm")
@@ -149,7 +151,9 @@ class SetConditionalDDPM(_DiffusionModel):
     ``m(S)`` (:func:`prototype_image`, model space) as its ``cond_image`` (a second input channel);
     a learned ``null`` embedding (D,) and a zero image stand for "no support set" (classifier-free
     guidance, :meth:`sample`). Trained by :func:`train_set_diffusion`; few-shot generation by
-    :meth:`generate` and :meth:`generate_sets`."""
+    :meth:`generate` and :meth:`generate_sets`. Samples with DDIM unless told otherwise."""
+
+    default_sampler = "ddim"
 
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", channels=(16, 32, 64), cond_dim: int = 64,
                  max_set_size: int = 5):
@@ -181,7 +185,7 @@ class SetConditionalDDPM(_DiffusionModel):
 
     @torch.no_grad()
     def generate(self, support_x: torch.Tensor, n: int, *, generator: torch.Generator | None = None, steps: int | None = None,
-                 sampler: str = "ddim", eta: float = 0.0, guidance: float | None = None, variance: str = "beta") -> torch.Tensor:
+                 sampler: str | None = None, eta: float = 0.0, guidance: float | None = None, variance: str = "beta") -> torch.Tensor:
         """``n`` new images (n, 1, 28, 28) in [0, 1] of the class shown by ``support_x`` (K, 1, 28, 28),
         any K >= 1: sample with ``cond = c(S)``. Defaults: DDIM, ``steps=None`` meaning ``min(50, T)``,
         ``eta = 0``; ``guidance=w`` as in the module docstring (None: no guidance)."""
@@ -190,7 +194,7 @@ class SetConditionalDDPM(_DiffusionModel):
 
     @torch.no_grad()
     def generate_sets(self, support_sets: torch.Tensor, mask: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-                      steps: int | None = None, sampler: str = "ddim", eta: float = 0.0, guidance: float | None = None,
+                      steps: int | None = None, sampler: str | None = None, eta: float = 0.0, guidance: float | None = None,
                       variance: str = "beta") -> torch.Tensor:
         """One new image per support set, all in one batch: ``support_sets`` (B, K, 1, 28, 28) in [0, 1]
         (``mask`` (B, K) bool: the shots present; None: all) -> (B, 1, 28, 28) in [0, 1]. Used to
@@ -205,7 +209,7 @@ class SetConditionalDDPM(_DiffusionModel):
         return self._draw(self.embed_sets(support_sets, mask), len(support_sets), generator, steps, sampler, eta, guidance, variance)
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, steps: int | None = None, sampler: str = "ddim",
+    def sample(self, n: int, *, generator: torch.Generator | None = None, steps: int | None = None, sampler: str | None = None,
                eta: float = 0.0, guidance: float | None = None, variance: str = "beta") -> torch.Tensor:
         """``n`` unconditional images: the null embedding, no support set. (n, 1, 28, 28) in [0, 1]."""
         n = check_count("n", n)
@@ -493,5 +497,5 @@ def _score(model, args, options: dict, sampling: dict) -> int:
     return 0
 
 
-__all__ = ["ADAPT_DEFAULTS", "METHODS", "Adapted", "SetConditionalDDPM", "SetEncoder", "adapt", "check_support", "prototype_image",
+__all__ = ["ADAPT_DEFAULTS", "METHODS", "Adapted", "SetConditionalDDPM", "SetEncoder", "adapt", "check_support", "masked_mean", "prototype_image",
            "support_batches", "train_set_diffusion"]

@@ -54,6 +54,24 @@ def add_arguments(parser) -> None:
     few_shot.add_argument("--shot", type=int, default=None, metavar="K", help="support images of that class (default 5)")
 
 
+DIFFUSION_OPTIONS = ("sampler", "steps", "eta", "guidance")
+
+
+def diffusion_options(args, model) -> dict | None:
+    """The ``--sampler/--steps/--eta/--guidance`` given on the command line (``sample`` and ``eval``),
+    as keyword arguments for the model's sampling methods; None for a model that is not a diffusion
+    model (one without a ``default_sampler``), which takes none of them. ``--steps`` needs DDIM."""
+    options = {k: getattr(args, k) for k in DIFFUSION_OPTIONS if getattr(args, k, None) is not None}
+    default_sampler = getattr(model, "default_sampler", None)
+    if default_sampler is None:
+        if options:
+            raise ValueError(f"{' '.join('--' + k for k in options)}: only for diffusion models, but {args.checkpoint} holds {model.name!r}")
+        return None
+    if "steps" in options and options.get("sampler", default_sampler) != "ddim":
+        raise ValueError("--steps chooses the number of DDIM steps: add --sampler ddim (the ancestral sampler runs all T steps)")
+    return options
+
+
 def load_support_images(paths) -> torch.Tensor:
     """Files or folders (their image files, sorted by name) -> ``(K, 1, 28, 28)`` in [0, 1], ink = 1."""
     from PIL import Image, UnidentifiedImageError
@@ -154,11 +172,7 @@ def run(args) -> int:
     if wrong:
         holds = {"unconditional": "an unconditional", "conditional": "a class-conditional", "few-shot": "a few-shot"}[kind]
         raise ValueError(f"{' '.join(wrong)}: not used by {args.checkpoint}, which holds {holds} model ({model.name!r})")
-    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k) is not None}
-    if options and model.name not in ("ddpm", "cond-ddpm", "set-ddpm"):
-        raise ValueError(f"{' '.join('--' + k for k in options)}: only for diffusion models, but {args.checkpoint} holds {model.name!r}")
-    if options.get("steps") is not None and options.get("sampler", "ddim" if model.name == "set-ddpm" else "ancestral") != "ddim":
-        raise ValueError("--steps chooses the number of DDIM steps: add --sampler ddim (the ancestral sampler runs all T steps)")
+    options = diffusion_options(args, model) or {}
     generator = torch.Generator().manual_seed(args.seed)
     loss = model.config["kwargs"].get("loss")  # GANs: nonsaturating or wgan-gp
     sections, what = [], f"{args.n} samples of {model.name} ({kind}{f', loss {loss}' if loss else ''})"

@@ -247,14 +247,12 @@ def train_denoising(method_name: str) -> TrainFn:
         if method_name == "set-ddpm":
             from fsl_course.few_shot_diffusion import SetConditionalDDPM, train_set_diffusion
 
-            model = SetConditionalDDPM(**architecture)
-            history = train_set_diffusion(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
+            model, fit = SetConditionalDDPM(**architecture), train_set_diffusion
+        elif method_name == "cond-ddpm":
+            model, fit = ConditionalDDPM(dataset.n_classes, **architecture), train_diffusion
         else:
-            if method_name == "cond-ddpm":
-                model = ConditionalDDPM(dataset.n_classes, **architecture)
-            else:
-                model = DDPM(**architecture)
-            history = train_diffusion(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
+            model, fit = DDPM(**architecture), train_diffusion
+        history = fit(model, dataset, **hyperparameters, device=device, seed=seed, progress=progress)
         tail = min(100, len(history["loss"]))
         info = {**hyperparameters, **architecture, "final_mse": sum(history["loss"][-tail:]) / tail}
         if method_name == "cond-ddpm" and getattr(dataset, "class_names", None) is not None:
@@ -317,7 +315,8 @@ GENERATIVE_METHODS: dict[str, Method] = {
         steps_override=True,
     ),
     "set-ddpm": Method(
-        "DDPM conditioned on a support-set embedding (1-5 shots of the target's class) with set dropout for guidance: "
+        "DDPM conditioned on a support set (1-5 shots of the target's class: their embedding by FiLM and their mean image as an "
+        "input channel) with set dropout for guidance: "
         "new images of an unseen class from K shots without fine-tuning",
         train_denoising("set-ddpm"),
         "generative",
@@ -329,6 +328,11 @@ GENERATIVE_METHODS: dict[str, Method] = {
 ALL_METHODS: dict[str, Method] = {**METHODS, **GENERATIVE_METHODS}
 
 
+def steps_methods() -> str:
+    """The METHODs that take ``--steps``, comma-separated (for help and error messages)."""
+    return ", ".join(name for name, method in ALL_METHODS.items() if method.steps_override)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     methods = "; ".join(f"{name}: {method.help}" for name, method in ALL_METHODS.items())
     parser.add_argument("method", choices=sorted(ALL_METHODS), metavar="METHOD", help=f"what to train. {methods}")
@@ -337,9 +341,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=PRESETS, default=None, help="compute preset (default: $FSL_COURSE_BUDGET, else standard)")
     parser.add_argument("--out", required=True, metavar="PATH", help="checkpoint file to write")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the batches (default 0)")
-    steps_methods = ", ".join(name for name, method in ALL_METHODS.items() if method.steps_override)
     parser.add_argument("--steps", type=int, default=None, metavar="N",
-                        help=f"replace the budget's number of training steps ({steps_methods} only; recorded in the checkpoint)")
+                        help=f"replace the budget's number of training steps ({steps_methods()} only; recorded in the checkpoint)")
     parser.add_argument(
         "--no-rotations",
         dest="rotations",
@@ -369,8 +372,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {}
     if args.steps is not None:
         if not method.steps_override:
-            takes = ", ".join(name for name, m in ALL_METHODS.items() if m.steps_override)
-            raise ValueError(f"--steps is not supported by {args.method}: it applies to {takes}")
+            raise ValueError(f"--steps is not supported by {args.method}: it applies to {steps_methods()}")
         if args.steps < 1:
             raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
         overrides["steps"] = args.steps

@@ -1,5 +1,5 @@
-"""Pre-trained diffusion models shipped with the package, so that lessons 07 and 08 show good
-samples on a CPU without an hour of training. Each file is an ordinary checkpoint written by
+"""Pre-trained diffusion models shipped with the package, so that lessons 07 and 08 show samples
+of models trained longer than a lesson can afford on a CPU. Each file is an ordinary checkpoint written by
 ``fsl-course train`` (a ``state_dict`` plus a JSON config, never a pickled module); its config
 records the exact command, seed, budget, device and wall time. Re-create one, from the
 repository root, with its command in :data:`RECIPES` (:func:`recreate_command`), e.g.::
@@ -13,8 +13,8 @@ minutes each on a 2-core CPU; each file's config records its ``wall_time_s``).
 ``ddpm``        unconditional DDPM on the glyph training classes (lesson 07: samplers; lesson 08:
                 fine-tuning and LoRA)
 ``cond-ddpm``   class-conditional DDPM with label dropout (lesson 07: classifier-free guidance)
-``set-ddpm``    DDPM conditioned on a support-set embedding (lesson 08: few-shot generation
-                without fine-tuning)
+``set-ddpm``    DDPM conditioned on a support set: its embedding and mean image (lesson 08:
+                few-shot generation without fine-tuning; lesson 07: prototype conditioning)
 ==============  =====================================================================================
 """
 
@@ -37,11 +37,15 @@ NAMES = tuple(RECIPES)
 MAX_TOTAL_BYTES = 20 * 2**20  # the package ships at most 20 MB of weights
 
 
-def path(name: str) -> Path:
-    """The file of the shipped model ``name`` (one of :data:`NAMES`)."""
+def _check_name(name: str) -> str:
     if name not in NAMES:
         raise ValueError(f"no pre-trained model {name!r}; the package ships {', '.join(NAMES)}")
-    file = HERE / f"{name}.pt"
+    return name
+
+
+def path(name: str) -> Path:
+    """The file of the shipped model ``name`` (one of :data:`NAMES`)."""
+    file = HERE / f"{_check_name(name)}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing from this installation; re-create it with: {recreate_command(name)}")
     return file
@@ -62,9 +66,7 @@ def config(name: str) -> dict:
 
 def recreate_command(name: str) -> str:
     """The ``fsl-course train`` command that makes the shipped file ``name`` (run it from the repository root)."""
-    if name not in NAMES:
-        raise ValueError(f"no pre-trained model {name!r}; the package ships {', '.join(NAMES)}")
-    return RECIPES[name]
+    return RECIPES[_check_name(name)]
 
 
 __all__ = ["MAX_TOTAL_BYTES", "NAMES", "RECIPES", "config", "load", "path", "recreate_command"]
