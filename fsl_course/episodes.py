@@ -113,7 +113,7 @@ class EpisodeSampler:
     """
 
     def __init__(self, dataset: FewShotDataset | torch.Tensor, way: int, shot: int, query: int, seed: int = 0):
-        self.images = dataset.images if isinstance(dataset, FewShotDataset) else dataset
+        self.images = getattr(dataset, "images", dataset)  # a FewShotDataset (or anything with .images) or a dense tensor
         _check_request(self.images, way, shot, query)
         self.way, self.shot, self.query, self.seed = way, shot, query, seed
         self.generator = torch.Generator().manual_seed(seed)

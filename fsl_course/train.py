@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ class Method:
     classes (a class-conditional model's labels must be the plain split's classes).
     ``steps_override``: the train function accepts ``steps=N`` to replace the budget's number of
     training steps (``--steps``; the shipped pretrained diffusion models are made this way).
+    ``resumable``: the train function accepts ``resume=PATH`` (``OUT.partial``), where it keeps its state
+    while training; run the same command again after an interruption to continue.
     """
 
     help: str
@@ -47,6 +50,7 @@ class Method:
     produces: str = "learner"
     rotations: bool | None = None
     steps_override: bool = False  # its train function takes ``steps=N`` (``--steps``)
+    resumable: bool = False  # its train function takes ``resume=PATH`` and continues an interrupted run from it
 
     def __post_init__(self):
         if self.produces not in ("learner", "generative"):
@@ -262,6 +266,53 @@ def train_denoising(method_name: str) -> TrainFn:
     return train
 
 
+#: Episodic training of each meta-learner per budget: the episodes it trains on (``way``, ``shot``,
+#: ``query`` per class, ``meta_batch`` episodes per step), ``steps`` and peak ``lr`` (cosine decay), and the
+#: learner's own arguments (``kwargs``). Standard: at most 5 minutes on a 2-core CPU (measured times in
+#: lessons 09-11); full: a GPU, about 10x the episodes.
+META_SETTINGS: dict[str, dict[str, Any]] = {
+    "protonet": {"way": 60, "shot": 1, "query": 1, "meta_batch": 1, "steps": (10, 2000, 25_000), "lr": 3e-3, "kwargs": {}},
+    "matching": {"way": 60, "shot": 1, "query": 1, "meta_batch": 1, "steps": (10, 2000, 25_000), "lr": 3e-3, "kwargs": {}},
+    "relation": {"way": 5, "shot": 1, "query": 10, "meta_batch": 1, "steps": (10, 2000, 30_000), "lr": 1e-3, "kwargs": {}},
+    "maml": {"way": 5, "shot": 1, "query": 5, "meta_batch": 4, "steps": (3, 800, 10_000), "lr": 1e-3, "kwargs": {}},
+    "fomaml": {"way": 5, "shot": 1, "query": 5, "meta_batch": 4, "steps": (3, 1300, 15_000), "lr": 1e-3, "kwargs": {}},
+    "reptile": {"way": 5, "shot": 1, "query": 4, "meta_batch": 4, "steps": (3, 420, 10_000), "lr": 1.0, "kwargs": {}},
+    "mann": {"way": 5, "shot": 1, "query": 5, "meta_batch": 1, "steps": (10, 5000, 60_000), "lr": 1e-3, "kwargs": {}},
+    "hypernet": {"way": 60, "shot": 1, "query": 1, "meta_batch": 1, "steps": (10, 2000, 25_000), "lr": 3e-3, "kwargs": {}},
+}
+
+
+def meta_hyperparameters(name: str, budget: Budget) -> dict[str, Any]:
+    """The episodic training settings of meta-learner ``name`` at ``budget`` (see :data:`META_SETTINGS`);
+    the smoke budget trains on 5-way episodes with 2 queries per class (any dataset of >= 5 classes of >= 3 images)."""
+    setting = dict(META_SETTINGS[name])
+    smoke, standard, full = setting.pop("steps")
+    if budget.name == "smoke":
+        setting.update(way=5, query=2)
+    return {**setting, "steps": budget.pick(smoke=smoke, standard=standard, full=full)}
+
+
+def train_meta(name: str) -> TrainFn:
+    """A meta-learning METHOD: build the registered learner ``name`` and train it episodically with
+    :func:`fsl_course.meta.train_episodic` (resumable: ``resume`` is where it keeps its state)."""
+    if name not in META_SETTINGS:
+        raise ValueError(f"unknown meta-learner {name!r}; choose one of {', '.join(META_SETTINGS)}")
+
+    def train(dataset, budget, device, seed, progress, steps=None, resume=None):
+        from fsl_course.meta import LEARNERS, train_episodic
+
+        hyperparameters = meta_hyperparameters(name, budget)
+        if steps is not None:
+            hyperparameters["steps"] = steps
+        kwargs = hyperparameters.pop("kwargs")
+        learner = LEARNERS[name](**kwargs)
+        history = train_episodic(learner, dataset, **hyperparameters, device=device, seed=seed, progress=progress, resume=resume)
+        tail = history["loss"][-min(100, len(history["loss"])):]
+        return learner, {**hyperparameters, "final_loss": sum(tail) / len(tail), "training_seconds": round(history["seconds"], 1)}
+
+    return train
+
+
 #: learner METHOD name (as typed on the command line, and the learner's registry name) -> how to train it
 METHODS: dict[str, Method] = {
     "pixel-nn": Method("1-nearest neighbour on raw pixels (nothing to train)", nothing_to_train(PixelNearestNeighbour)),
@@ -274,6 +325,20 @@ METHODS: dict[str, Method] = {
         "(feature-space variant of Antoniou et al. 2017)",
         train_dagan,
     ),
+    "protonet": Method("Prototypical Networks: nearest prototype in a learned embedding (Snell et al. 2017)",
+                       train_meta("protonet"), steps_override=True, resumable=True),
+    "matching": Method("Matching Networks: attention over the support set by cosine similarity (Vinyals et al. 2016)",
+                       train_meta("matching"), steps_override=True, resumable=True),
+    "relation": Method("Relation Networks: a learned similarity module (Sung et al. 2018)",
+                       train_meta("relation"), steps_override=True, resumable=True),
+    "maml": Method("second-order MAML with a GroupNorm Conv-4 (Finn et al. 2017)", train_meta("maml"),
+                   steps_override=True, resumable=True),
+    "fomaml": Method("first-order MAML (Finn et al. 2017)", train_meta("fomaml"), steps_override=True, resumable=True),
+    "reptile": Method("Reptile (Nichol et al. 2018)", train_meta("reptile"), steps_override=True, resumable=True),
+    "mann": Method("a black-box LSTM learner fed the support labels one step late (after Santoro et al. 2016)",
+                   train_meta("mann"), steps_override=True, resumable=True),
+    "hypernet": Method("a hypernetwork that generates each episode's linear classifier from the support set",
+                       train_meta("hypernet"), steps_override=True, resumable=True),
 }
 
 #: generative METHOD name -> how to train it. The name is the model's registry name, except
@@ -343,6 +408,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the batches (default 0)")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help=f"replace the budget's number of training steps ({steps_methods()} only; recorded in the checkpoint)")
+    parser.add_argument("--restart", action="store_true",
+                        help="meta-learners: discard the state of an interrupted run (OUT.partial) instead of resuming it")
     parser.add_argument(
         "--no-rotations",
         dest="rotations",
@@ -376,6 +443,14 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
         overrides["steps"] = args.steps
+    if method.resumable:
+        overrides["resume"] = resume = Path(f"{args.out}.partial")
+        if resume.exists():
+            if args.restart:
+                resume.unlink()
+                print(f"--restart: removed the interrupted run's state {resume}")
+            else:
+                print(f"found the state of an interrupted run in {resume}: continuing it (--restart starts afresh)")
     rotations = args.rotations if method.rotations is None else method.rotations
     start = time.perf_counter()
     dataset = data.load(args.dataset, "train", args.root, rotations=rotations)

@@ -197,3 +197,69 @@ def test_a_bad_dataset_is_one_clear_error(tmp_path, capsys):
     assert main(["train", "pixel-nn", "--dataset", "mnist", "--out", str(tmp_path / "x.pt")]) == 2
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+META = ["protonet", "matching", "relation", "maml", "fomaml", "reptile", "mann", "hypernet"]
+
+
+def test_every_meta_learner_is_a_resumable_method_with_budgets_that_grow():
+    from fsl_course.budgets import Budget
+
+    for name in META:
+        method = train_module.METHODS[name]
+        assert method.resumable and method.steps_override
+        steps = [train_module.meta_hyperparameters(name, Budget(b))["steps"] for b in ("smoke", "standard", "full")]
+        assert steps == sorted(steps) and steps[0] < steps[1] < steps[2]
+        smoke = train_module.meta_hyperparameters(name, Budget("smoke"))
+        assert (smoke["way"], smoke["query"]) == (5, 2)  # fits any dataset of 5 classes of 3 images
+
+
+def test_an_interrupted_training_resumes_from_its_state_and_ends_where_an_uninterrupted_one_does(tiny_data, tmp_path, monkeypatch, capsys):
+    argv = ["train", "protonet", "--budget", "smoke", "--steps", "8"]
+    assert main([*argv, "--out", str(tmp_path / "straight.pt")]) == 0
+
+    out = tmp_path / "run.pt"
+    original, calls = LEARNERS["protonet"].loss, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(LEARNERS["protonet"], "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(out)])
+    assert (tmp_path / "run.pt.partial").exists() and not out.exists()
+    assert "interrupted at step 4 of 8" in capsys.readouterr().out
+    monkeypatch.setattr(LEARNERS["protonet"], "loss", original)
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "continuing it" in printed and "resuming from step 4 of 8" in printed
+    assert not (tmp_path / "run.pt.partial").exists()
+    straight, resumed = load_checkpoint(tmp_path / "straight.pt")[0], load_checkpoint(out)[0]
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_restart_discards_the_state_of_an_interrupted_run_with_other_settings(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run.pt"
+    (tmp_path / "run.pt.partial").write_bytes(b"from another run")
+    assert main(["train", "matching", "--budget", "smoke", "--out", str(out)]) == 2
+    assert "not a readable resume file" in capsys.readouterr().err
+    assert main(["train", "matching", "--budget", "smoke", "--out", str(out), "--restart"]) == 0
+    assert "--restart: removed" in capsys.readouterr().out and out.exists()
+
+
+def test_a_meta_learner_evaluates_on_omniglot_in_the_official_layout(tmp_path, monkeypatch, capsys):
+    from test_data import make_omniglot
+
+    monkeypatch.setenv("FSL_COURSE_CACHE", str(tmp_path / "cache"))
+    root = make_omniglot(tmp_path / "omniglot")
+    out = tmp_path / "protonet.pt"
+    assert main(["train", "protonet", "--dataset", "omniglot", "--root", str(root), "--budget", "smoke", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--dataset", "omniglot", "--root", str(root), "--way", "5", "--shot", "1", "--query", "3",
+                 "--episodes", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["dataset"], result["split"], result["way"], result["episodes"]) == ("omniglot", "test", 5, 4)

@@ -45,11 +45,17 @@ class Conv4(nn.Module):
     * ``"group"``: GroupNorm normalises each image on its own, the same in train and eval
       mode, so the question does not arise.
     * ``"none"``: no normalisation (the convolutions then carry a bias).
+
+    ``pools`` (default 4): only the first ``pools`` blocks max-pool; ``flatten=False`` returns the
+    feature maps ``(B, hidden, H', W')``. The Relation Network's embedding is ``pools=2,
+    flatten=False``: 28x28 -> 64 x 7 x 7 maps (Sung et al. 2018).
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, norm: str = "batch"):
+    def __init__(self, in_channels: int = 1, hidden: int = 64, norm: str = "batch", pools: int = 4, flatten: bool = True):
         super().__init__()
-        self.hidden = hidden
+        if not 0 <= pools <= 4:
+            raise ValueError(f"pools must be between 0 and 4, got {pools}")
+        self.hidden, self.pools, self.flatten = hidden, pools, flatten
         blocks = []
         for i in range(4):
             blocks += [
@@ -57,7 +63,7 @@ class Conv4(nn.Module):
                 nn.Conv2d(in_channels if i == 0 else hidden, hidden, kernel_size=3, padding=1, bias=norm == "none"),
                 norm_layer(norm, hidden),
                 nn.ReLU(),
-                nn.MaxPool2d(2),
+                nn.MaxPool2d(2) if i < pools else nn.Identity(),
             ]
         self.blocks = nn.Sequential(*blocks)
         # Store the convolution weights "channels last" (NHWC) and feed NHWC images: the same
@@ -65,8 +71,8 @@ class Conv4(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def feature_dim(self, height: int = 28, width: int = 28) -> int:
-        """Length of the feature vector for ``height x width`` images: ``hidden * (H // 16) * (W // 16)``."""
-        return self.hidden * (height // 16) * (width // 16)
+        """Length of the feature vector for ``height x width`` images: ``hidden * (H // 2^pools) * (W // 2^pools)``."""
+        return self.hidden * (height >> self.pools) * (width >> self.pools)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, C, H, W)`` with ``H, W >= 16`` -> features ``(B, feature_dim(H, W))``."""
@@ -77,4 +83,4 @@ class Conv4(nn.Module):
         except RuntimeError:  # inside torch.func.vmap (MAML over a batch of tasks): no channels-last rule, keep NCHW
             pass
         features = self.blocks(x)
-        return rearrange(features, "b c h w -> b (c h w)")
+        return rearrange(features, "b c h w -> b (c h w)") if self.flatten else features

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from fsl_course.checkpoint import Rebuildable, Registry, load_checkpoint
 from fsl_course.runtime import device as default_device
@@ -59,6 +60,25 @@ class FewShotLearner(Rebuildable):
     ) -> torch.Tensor:
         """The learner's algorithm, on a validated episode (see :meth:`predict`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement episode_logits")
+
+    def loss(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """The episodic training loss (a scalar), minimised by :func:`fsl_course.meta.episodic.train_episodic`.
+
+        Default: the query cross-entropy ``-(1 / n_query) sum_q log softmax(logits(x_q))_{y_q}`` of
+        :meth:`predict`'s logits. Learners with another objective (Relation Networks' squared error,
+        Reptile's update) override it.
+        """
+        if query_y.shape != query_x.shape[:1] or query_y.dtype != torch.int64:
+            raise ValueError(f"query_y must be int64 labels of shape ({query_x.shape[0]},), got {query_y.dtype} {tuple(query_y.shape)}")
+        return F.cross_entropy(self.predict(support_x, support_y, query_x), query_y)
+
+    def batch_loss(self, episodes) -> torch.Tensor:
+        """The mean :meth:`loss` over a meta-batch of :class:`~fsl_course.episodes.Episode` objects."""
+        return sum(self.loss(e.support_x, e.support_y, e.query_x, e.query_y) for e in episodes) / len(episodes)
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The optimiser of episodic training: Adam over every trainable parameter."""
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr)
 
 
 def validate_episode(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> int:
@@ -109,7 +129,10 @@ LEARNERS = Registry(FewShotLearner, "learner")
 
 #: modules whose import registers learners; :func:`load_learner` imports them first, so that a
 #: checkpoint loads without the caller importing the module that defines its class.
-LEARNER_MODULES: list[str] = ["fsl_course.meta.baselines", "fsl_course.dagan"]
+LEARNER_MODULES: list[str] = [
+    "fsl_course.meta.baselines", "fsl_course.dagan", "fsl_course.meta.protonet", "fsl_course.meta.matching",
+    "fsl_course.meta.relation", "fsl_course.meta.maml", "fsl_course.meta.mann", "fsl_course.meta.hypernet",
+]
 
 #: Class decorator: make a :class:`FewShotLearner` loadable by ``name``, e.g.
 #: ``@register_learner("my-learner") class MyLearner(FewShotLearner): ...``

@@ -22,21 +22,7 @@ from tqdm.auto import tqdm
 
 from fsl_course.meta.backbones import Conv4
 from fsl_course.meta.base import FewShotLearner, register_learner
-
-
-def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``d[i, j] = ||a_i - b_j||^2`` for ``a``: ``(n, D)``, ``b``: ``(m, D)`` -> ``(n, m)``.
-
-    Computed as a broadcast difference, which is exact (the expansion
-    ``||a||^2 - 2 a.b + ||b||^2`` is faster but can come out slightly negative).
-    """
-    return (rearrange(a, "n d -> n 1 d") - rearrange(b, "m d -> 1 m d")).pow(2).sum(-1)
-
-
-def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Class means ``p_c = (1 / |S_c|) sum_{i in S_c} e_i``: ``(n, D)``, ``(n,)`` -> ``(n_way, D)``."""
-    one_hot = F.one_hot(labels, n_way).to(embeddings.dtype)  # (n, N)
-    return (one_hot.T @ embeddings) / one_hot.sum(0).unsqueeze(1)
+from fsl_course.meta.protonet import prototypes, squared_distances
 
 
 @register_learner("pixel-nn")
