@@ -227,3 +227,11 @@ def test_ex11_checks_leave_the_global_random_state_alone():
     for name in PARTS:
         getattr(ex11, name)(namespace[name])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_ex11_the_unsolved_stubs_raise_their_task_through_the_checks():
+    """NotImplementedError from a stub passes through the visible checks unchanged (its task is the best message)."""
+    for name in PARTS:
+        _, stub = SOL11.wrong(name, f"def {name}(*args):\n    raise NotImplementedError('the task of {name}')\n")
+        with pytest.raises(NotImplementedError, match=f"the task of {name}"):
+            getattr(ex11, name)(stub)

@@ -93,12 +93,15 @@ def shift_labels_of_part_a(labels, n_slots):
 
 def _call(expect, what: str, function, *args):
     """``function(*args)``, failing the check with a message (and a hint) when a stand-in was misused or torch
-    cannot join or index the tensors; other errors pass through unchanged."""
+    cannot join the tensors (sizes that do not match, a dimension out of range); other errors, ``NotImplementedError``
+    included, pass through unchanged."""
     try:
         return function(*args)
     except _Misuse as err:
         expect(False, f"{what}: {err}")
     except (RuntimeError, IndexError) as err:
+        if isinstance(err, NotImplementedError) or not any(word in str(err) for word in ("size", "Size", "dimension")):
+            raise
         expect(False, f"{what} raised {_first_line(err).rstrip('.')}. hint: per step, the features and the shifted labels sit side "
                       "by side: torch.cat([features, shift_labels(labels, n_slots)], dim=1), (T, D) and (T, n_slots)")
 
